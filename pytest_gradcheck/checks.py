@@ -1,0 +1,166 @@
+"""Checks: pure functions from a profile and bounds to findings."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from pytest_gradcheck.bounds import Bounds
+from pytest_gradcheck.profile import GradientProfile
+
+RULES = ("vanishing", "exploding", "nonfinite", "dead", "unused")
+
+
+@dataclass
+class Finding:
+    """One thing a check found, with the numbers behind it."""
+
+    rule: str
+    layers: list[str]
+    message: str
+    failing: bool
+    value: float | None = None
+    bound: float | None = None
+    causes: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule,
+            "layers": list(self.layers),
+            "message": self.message,
+            "failing": self.failing,
+            "value": self.value,
+            "bound": self.bound,
+            "causes": [dict(cause) for cause in self.causes],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Finding:
+        return cls(**data)
+
+
+def check(profile: GradientProfile, bounds: Bounds) -> list[Finding]:
+    """All findings for ``profile`` under ``bounds``, in a stable order."""
+    findings: list[Finding] = []
+    findings += _ratio_findings(profile, bounds)
+    findings += _max_grad_findings(profile, bounds)
+    findings += _nonfinite_findings(profile)
+    findings += _dead_findings(profile)
+    findings += _unused_findings(profile, bounds)
+    return findings
+
+
+def failing(findings: list[Finding]) -> list[Finding]:
+    return [finding for finding in findings if finding.failing]
+
+
+def verdict(findings: list[Finding]) -> str:
+    """'healthy', or the failing rules joined by '+' (e.g. 'vanishing+dead')."""
+    rules = []
+    for finding in failing(findings):
+        if finding.rule not in rules:
+            rules.append(finding.rule)
+    return "+".join(rules) if rules else "healthy"
+
+
+def _ratio_findings(profile: GradientProfile, bounds: Bounds) -> list[Finding]:
+    ratio = profile.ratio
+    if ratio is None or math.isnan(ratio):
+        return []
+    first, last = profile.first, profile.last
+    pair = [first.name, last.name]
+    numbers = (
+        f"first layer {first.name} mean |grad| {first.grad_mean_abs:.3g}, "
+        f"last layer {last.name} mean |grad| {last.grad_mean_abs:.3g}"
+    )
+    if bounds.min_ratio is not None and ratio < bounds.min_ratio:
+        message = f"vanishing gradients: first/last ratio {ratio:.3g} < min_ratio {bounds.min_ratio:g} ({numbers})"
+        return [Finding("vanishing", pair, message, True, ratio, bounds.min_ratio)]
+    if bounds.max_ratio is not None and ratio > bounds.max_ratio:
+        message = f"exploding gradients: first/last ratio {ratio:.3g} > max_ratio {bounds.max_ratio:g} ({numbers})"
+        return [Finding("exploding", pair, message, True, ratio, bounds.max_ratio)]
+    return []
+
+
+def _max_grad_findings(profile: GradientProfile, bounds: Bounds) -> list[Finding]:
+    if bounds.max_grad is None:
+        return []
+    over = [layer for layer in profile.layers if layer.finite and layer.grad_max_abs > bounds.max_grad]
+    if not over:
+        return []
+    worst = max(over, key=lambda layer: layer.grad_max_abs)
+    message = (
+        f"exploding gradients: {len(over)} layer(s) have |grad| above max_grad {bounds.max_grad:g}; "
+        f"largest {worst.grad_max_abs:.3g} in {worst.name}"
+    )
+    return [Finding("exploding", [layer.name for layer in over], message, True, worst.grad_max_abs, bounds.max_grad)]
+
+
+def _nonfinite_findings(profile: GradientProfile) -> list[Finding]:
+    bad = [layer.name for layer in profile.layers if layer.received_grad and not layer.finite]
+    if not bad:
+        return []
+    message = f"non-finite gradients (NaN or Inf) in {len(bad)} layer(s): {', '.join(bad)}"
+    return [Finding("nonfinite", bad, message, True)]
+
+
+def _dead_findings(profile: GradientProfile) -> list[Finding]:
+    dead = [layer.name for layer in profile.layers if layer.dead]
+    if not dead:
+        return []
+    message = f"dead layers: every gradient is exactly zero in {len(dead)} layer(s): {', '.join(dead)}"
+    return [Finding("dead", dead, message, True)]
+
+
+def _unused_findings(profile: GradientProfile, bounds: Bounds) -> list[Finding]:
+    params = [name for layer in profile.layers for name in layer.unused_parameters]
+    if not params:
+        return []
+    layers = [layer.name for layer in profile.layers if layer.unused_parameters]
+    how = "failing because fail_on_unused is set" if bounds.fail_on_unused else "not failing; set fail_on_unused to fail"
+    message = (
+        f"unused parameters: {len(params)} trainable parameter(s) got no gradient "
+        f"({', '.join(params)}); {how}"
+    )
+    return [Finding("unused", layers, message, bounds.fail_on_unused)]
+
+
+@dataclass
+class CheckResult:
+    """One probed model within a test: what was measured, under which bounds, and what was found."""
+
+    nodeid: str
+    name: str | None
+    profile: GradientProfile
+    bounds: Bounds
+    findings: list[Finding]
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self.findings)
+
+    @property
+    def title(self) -> str:
+        return f"{self.nodeid} [{self.name}]" if self.name else self.nodeid
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "nodeid": self.nodeid,
+            "name": self.name,
+            "verdict": self.verdict,
+            "ratio": self.profile.ratio,
+            "bounds": self.bounds.to_dict(),
+            "findings": [finding.to_dict() for finding in self.findings],
+            "profile": self.profile.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CheckResult:
+        return cls(
+            nodeid=data["nodeid"],
+            name=data.get("name"),
+            profile=GradientProfile.from_dict(data["profile"]),
+            bounds=Bounds(**data["bounds"]),
+            findings=[Finding.from_dict(item) for item in data["findings"]],
+        )

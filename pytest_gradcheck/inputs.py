@@ -1,0 +1,133 @@
+"""Model I/O for the probe: default inputs, calling conventions and the loss."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from pytest_gradcheck.errors import ProbeError
+
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_SPATIAL_SIZE = 32
+DEFAULT_SEQUENCE_LENGTH = 16
+
+_HOW_TO_PASS = (
+    "pass inputs= explicitly, e.g. gradient_health(model, inputs=torch.randn(8, 3, 224, 224)) "
+    "or probe(model, inputs={'input_ids': ids}); a zero-argument callable that returns them works too"
+)
+
+
+def infer_inputs(model: nn.Module, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
+    """Random inputs shaped for the first parameterised module (registration order)."""
+    for name, module in model.named_modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        label = f"{type(module).__name__} {name!r}" if name else type(module).__name__
+        param = next(module.parameters(recurse=False))
+        float_dtype = param.dtype if param.dtype.is_floating_point else torch.float32
+        if isinstance(module, nn.Linear):
+            return torch.randn(batch_size, module.in_features, device=param.device, dtype=float_dtype)
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            spatial = (DEFAULT_SPATIAL_SIZE,) * (module.weight.dim() - 2)
+            shape = (batch_size, module.in_channels, *spatial)
+            return torch.randn(shape, device=param.device, dtype=float_dtype)
+        if isinstance(module, nn.Embedding):
+            shape = (batch_size, DEFAULT_SEQUENCE_LENGTH)
+            return torch.randint(0, module.num_embeddings, shape, device=param.device)
+        raise ProbeError(
+            f"cannot infer inputs for {type(model).__name__}: its first parameterised module, "
+            f"{label}, is not a Linear, Conv1d/2d/3d or Embedding; {_HOW_TO_PASS}"
+        )
+    raise ProbeError(f"cannot infer inputs for {type(model).__name__}: it has no trainable parameters")
+
+
+def as_call_arguments(inputs: Any) -> tuple[tuple, dict]:
+    """Map the accepted input forms to (args, kwargs) for ``model(*args, **kwargs)``."""
+    if callable(inputs) and not isinstance(inputs, (torch.Tensor, nn.Module)):
+        inputs = inputs()
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,), {}
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    if isinstance(inputs, dict):
+        bad = [key for key in inputs if not isinstance(key, str)]
+        if bad:
+            raise ProbeError(f"dict inputs must have string keys (keyword arguments); got keys {bad!r}")
+        return (), dict(inputs)
+    raise ProbeError(
+        f"inputs must be a tensor, a tuple or list of positional arguments, a dict of keyword "
+        f"arguments, or a zero-argument callable returning one of these; got {type(inputs).__name__}"
+    )
+
+
+def describe(args: tuple, kwargs: dict) -> list[str]:
+    """Readable shapes of the call arguments, e.g. ['float32[8, 64]', 'mask=bool[8, 16]']."""
+
+    def one(value: Any) -> str:
+        if isinstance(value, torch.Tensor):
+            dtype = str(value.dtype).replace("torch.", "")
+            device = "" if value.device.type == "cpu" else f"@{value.device}"
+            return f"{dtype}{list(value.shape)}{device}"
+        return type(value).__name__
+
+    return [one(value) for value in args] + [f"{key}={one(value)}" for key, value in kwargs.items()]
+
+
+def loss_of(output: Any, loss_fn: Callable[[Any], torch.Tensor] | None, model_name: str) -> torch.Tensor:
+    """The scalar the probe differentiates: loss_fn(output), a 'loss' entry, or a sum."""
+    if loss_fn is not None:
+        loss = loss_fn(output)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.dtype.is_floating_point:
+            raise ProbeError(
+                f"loss_fn must return a scalar floating-point tensor; for {model_name} it returned "
+                f"{_kind_of(loss)}"
+            )
+        return loss.reshape(()).float()
+    explicit = _loss_entry(output)
+    if explicit is not None:
+        return explicit.reshape(()).float()
+    tensors = [t for t in _tensors_in(output) if t.dtype.is_floating_point or t.dtype.is_complex]
+    if not tensors:
+        raise ProbeError(
+            f"{model_name} returned {_kind_of(output)}, which holds no floating-point tensor to "
+            "differentiate; pass loss_fn=lambda output: ... returning a scalar tensor"
+        )
+    total = tensors[0].float().sum()
+    for tensor in tensors[1:]:
+        total = total + tensor.float().sum()
+    return total.real if total.is_complex() else total
+
+
+def _loss_entry(output: Any) -> torch.Tensor | None:
+    if isinstance(output, dict):
+        loss = output.get("loss")
+    else:
+        loss = getattr(output, "loss", None) if not isinstance(output, torch.Tensor) else None
+    if isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.dtype.is_floating_point:
+        return loss
+    return None
+
+
+def _tensors_in(value: Any, depth: int = 0) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if depth > 8:
+        return []
+    if isinstance(value, dict):
+        items = list(value.values())
+    elif isinstance(value, (tuple, list)):
+        items = list(value)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = [getattr(value, f.name) for f in dataclasses.fields(value)]
+    else:
+        return []
+    return [t for item in items for t in _tensors_in(item, depth + 1)]
+
+
+def _kind_of(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).replace('torch.', '')} tensor of shape {list(value.shape)}"
+    return f"a {type(value).__name__}"

@@ -1,0 +1,337 @@
+"""The probe: the only place that runs the model. One forward, one backward, one host sync."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from pytest_gradcheck import inputs as model_io
+from pytest_gradcheck.errors import ProbeError
+from pytest_gradcheck.profile import GradientProfile, LayerStats
+
+_NORM_TYPES = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+)
+# Per-parameter gradient statistics, one column each, computed on the device.
+_L1, _L2, _LINF, _NONZERO = range(4)
+
+
+@dataclass
+class _Layer:
+    """A module that directly owns trainable parameters, while the probe runs."""
+
+    name: str
+    module: nn.Module
+    registration: int
+    params: list[tuple[str, nn.Parameter]] = field(default_factory=list)
+    sharers: list[str] = field(default_factory=list)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP, DataParallel or torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def probe(
+    model: nn.Module,
+    inputs: Any = None,
+    *,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    seed: int = 0,
+) -> GradientProfile:
+    """Run one forward and backward pass of ``model`` and return its gradient profile.
+
+    The model is left exactly as it was: parameters, buffers, ``.grad`` tensors,
+    ``requires_grad`` flags, train/eval modes, hooks and the global RNG state.
+    """
+    if not isinstance(model, nn.Module):
+        raise ProbeError(
+            f"probe() needs a torch.nn.Module, got {type(model).__name__}; "
+            "pass the model instance, e.g. gradient_health(MyModel())"
+        )
+    model = unwrap(model)
+    model_name = type(model).__name__
+    candidates = _parameter_owners(model)
+    if not candidates:
+        raise ProbeError(
+            f"{model_name} has no trainable parameters (none with requires_grad=True); "
+            "there are no gradients to check"
+        )
+    with _isolated(model) as cuda_devices, torch.enable_grad():
+        torch.random.default_generator.manual_seed(seed)
+        for index in cuda_devices:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        model.train()
+        if inputs is None:
+            inputs = model_io.infer_inputs(model)
+        args, kwargs = model_io.as_call_arguments(inputs)
+        with _recorder(model, candidates) as record:
+            output = _forward(model, args, kwargs)
+        loss = model_io.loss_of(output, loss_fn, model_name)
+        layers = _assign_owners(candidates, record)
+        params = [param for layer in layers for _, param in layer.params]
+        if not loss.requires_grad:
+            raise ProbeError(
+                f"the loss of {model_name} does not depend on any trainable parameter; "
+                "check that forward() uses the parameters and that no torch.no_grad() hides them"
+            )
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        per_param, rows, loss_value = _statistics(layers, grads, record, loss)
+    return GradientProfile(
+        model=model_name,
+        layers=_layer_stats(layers, grads, per_param, rows, record),
+        loss=loss_value,
+        seed=seed,
+        device=str(params[0].device),
+        dtype=str(params[0].dtype).replace("torch.", ""),
+        input_shapes=model_io.describe(args, kwargs),
+    )
+
+
+def _parameter_owners(model: nn.Module) -> list[_Layer]:
+    """Every module that directly owns a trainable parameter, in registration order."""
+    owners = []
+    for index, (name, module) in enumerate(model.named_modules()):
+        params = [(f"{name}.{p}" if name else p, t) for p, t in module.named_parameters(recurse=False) if t.requires_grad]
+        if params:
+            owners.append(_Layer(name, module, index, params))
+    return owners
+
+
+def _forward(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    try:
+        return model(*args, **kwargs)
+    except Exception as error:
+        shapes = ", ".join(model_io.describe(args, kwargs)) or "no arguments"
+        raise ProbeError(
+            f"{type(model).__name__}.forward failed on the probe inputs ({shapes}): "
+            f"{type(error).__name__}: {error}. Pass inputs= that fit the model's forward()"
+        ) from error
+
+
+class _Record:
+    """What the forward pass revealed: execution order and embedding lookups."""
+
+    def __init__(self) -> None:
+        self.order: dict[int, int] = {}
+        self.by_name: dict[str, nn.Module] = {}
+        self.lookups: dict[int, list[torch.Tensor]] = {}
+        self.embedding_rows: dict[int, torch.Tensor] = {}
+
+    def position(self, layer: _Layer) -> tuple:
+        """Sort key: own execution index, else just after the nearest executed ancestor."""
+        own = self.order.get(id(layer.module))
+        if own is not None:
+            return (own, 0, layer.registration)
+        parts = layer.name.split(".") if layer.name else []
+        for depth in range(len(parts) - 1, -1, -1):
+            ancestor = self.by_name.get(".".join(parts[:depth]))
+            if ancestor is not None and id(ancestor) in self.order:
+                return (self.order[id(ancestor)], 1, layer.registration)
+        return (math.inf, 2, layer.registration)
+
+
+@contextlib.contextmanager
+def _recorder(model: nn.Module, candidates: list[_Layer]):
+    """Forward pre-hooks that record execution order and the rows embeddings look up."""
+    record = _Record()
+    order = record.order
+
+    def note(module, args):
+        if id(module) not in order:
+            order[id(module)] = len(order)
+
+    def note_lookup(module, args):
+        if args and isinstance(args[0], torch.Tensor):
+            record.lookups.setdefault(id(module), []).append(args[0])
+
+    # Ancestors are hooked too, so a module whose parameters its parent uses
+    # directly (MultiheadAttention.out_proj) is placed right after that parent.
+    owners = {layer.name for layer in candidates}
+    hooked = set(owners)
+    for name in owners:
+        parts = name.split(".") if name else []
+        hooked.update(".".join(parts[:depth]) for depth in range(len(parts)))
+    handles = []
+    try:
+        for name, module in model.named_modules():
+            if name not in hooked:
+                continue
+            record.by_name[name] = module
+            handles.append(module.register_forward_pre_hook(note))
+            if isinstance(module, nn.Embedding) and name in owners:
+                handles.append(module.register_forward_pre_hook(note_lookup))
+        yield record
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name in owners:
+        module = record.by_name[name]
+        if id(module) in record.lookups:
+            record.embedding_rows[id(module)] = _rows_used(module, record.lookups[id(module)])
+
+
+def _rows_used(embedding: nn.Embedding, lookups: list[torch.Tensor]) -> torch.Tensor:
+    """How many distinct rows the batch looked up, kept on the device (no host sync)."""
+    weight = embedding.weight
+    seen = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
+    for lookup in lookups:
+        seen[lookup.reshape(-1)] = True
+    return seen.sum()
+
+
+def _assign_owners(candidates: list[_Layer], record: _Record) -> list[_Layer]:
+    """Layers in execution order; a tied parameter counts once, under its first executor."""
+    ranked = sorted(candidates, key=record.position)
+    owner_of: dict[int, _Layer] = {}
+    layers = []
+    for layer in ranked:
+        kept = []
+        for pname, param in layer.params:
+            owner = owner_of.setdefault(id(param), layer)
+            if owner is layer:
+                kept.append((pname, param))
+            elif layer.name not in owner.sharers:
+                owner.sharers.append(layer.name)
+        layer.params = kept
+        if kept:
+            layers.append(layer)
+    return layers
+
+
+def _statistics(layers: list[_Layer], grads, record: _Record, loss: torch.Tensor):
+    """Per-parameter statistics computed on the device, then one host sync per device.
+
+    Returns (per-parameter rows [l1, l2, linf, nonzero, weight_l2] or None when a
+    parameter got no gradient, embedding rows used by module id, loss value).
+    """
+    params = [param for layer in layers for _, param in layer.params]
+    by_device: dict[torch.device, list[int]] = {}
+    for index, param in enumerate(params):
+        by_device.setdefault(param.device, []).append(index)
+    per_param: list[list[float] | None] = [None] * len(params)
+    embedding_ids = list(record.embedding_rows)
+    rows: dict[int, float] = {}
+    loss_value = float("nan")
+    for device, indices in by_device.items():
+        with_grad = [i for i in indices if grads[i] is not None]
+        columns = []
+        if with_grad:
+            grad_list = [grads[i] for i in with_grad]
+            for order in (1, 2, math.inf, 0):
+                columns.extend(_norms(grad_list, order))
+            columns.extend(_norms([params[i].detach() for i in with_grad], 2))
+        extras = [record.embedding_rows[key] for key in embedding_ids]
+        extras = [t.float() for t in extras if t.device == device]
+        own_loss = loss.device == device
+        flat = columns + extras + ([loss.detach().float()] if own_loss else [])
+        if not flat:
+            continue
+        values = torch.stack([t.reshape(()).to(torch.float32) for t in flat]).tolist()  # the one sync
+        count = len(with_grad)
+        for slot, i in enumerate(with_grad):
+            per_param[i] = [values[slot + k * count] for k in range(5)]
+        position = 5 * count
+        for key in embedding_ids:
+            if record.embedding_rows[key].device == device:
+                rows[key] = values[position]
+                position += 1
+        if own_loss:
+            loss_value = values[position]
+    return per_param, rows, loss_value
+
+
+def _norms(tensors: list[torch.Tensor], order: float) -> list[torch.Tensor]:
+    """Fused per-tensor norms in float32 (one kernel launch per device and dtype)."""
+    try:
+        return list(torch._foreach_norm(tensors, order, dtype=torch.float32))
+    except (TypeError, RuntimeError):  # older torch: no dtype argument, or no foreach for a dtype
+        return [torch.linalg.vector_norm(t.float(), order) for t in tensors]
+
+
+def _layer_stats(layers, grads, per_param, rows, record) -> list[LayerStats]:
+    """Aggregate per-parameter numbers into one LayerStats per layer (host side)."""
+    stats = []
+    index = 0
+    for layer in layers:
+        entries = []
+        for pname, param in layer.params:
+            entries.append((pname, param, per_param[index]))
+            index += 1
+        has_matrix = any(param.dim() >= 2 for _, param, _ in entries)
+        measured = [e for e in entries if e[2] is not None and (e[1].dim() >= 2 or not has_matrix)]
+        looked_up = rows.get(id(layer.module)) if not layer.sharers else None
+        count = 0.0
+        for _, param, _ in measured:
+            if looked_up is not None and param.dim() == 2:
+                count += looked_up * param.shape[1]
+            else:
+                count += param.numel()
+        got = [e[2] for e in entries if e[2] is not None]
+        l1 = sum(v[_L1] for _, _, v in measured)
+        nonzero = sum(v[_NONZERO] for _, _, v in measured)
+        stats.append(
+            LayerStats(
+                name=layer.name,
+                kind=type(layer.module).__name__,
+                numel=sum(param.numel() for _, param, _ in entries),
+                grad_mean_abs=l1 / count if count else 0.0,
+                grad_max_abs=max((v[_LINF] for v in got), default=0.0),
+                grad_norm=math.sqrt(sum(v[_L2] ** 2 for v in got)),
+                weight_norm=math.sqrt(sum(v[4] ** 2 for v in got)),
+                zero_fraction=min(1.0, max(0.0, 1.0 - nonzero / count)) if count else 1.0,
+                finite=all(math.isfinite(v[_L1]) for v in got),
+                executed=id(layer.module) in record.order,
+                received_grad=bool(got),
+                has_matrix=has_matrix,
+                is_norm=_is_norm(layer.module),
+                shared_with=list(layer.sharers),
+                unused_parameters=[name for name, _, v in entries if v is None],
+            )
+        )
+    return stats
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, _NORM_TYPES) or "Norm" in type(module).__name__
+
+
+@contextlib.contextmanager
+def _isolated(model: nn.Module):
+    """Restore modes, buffers and RNG state afterwards, whatever happens."""
+    modes = [(module, module.training) for module in model.modules()]
+    buffers = []
+    for module in model.modules():
+        saved = {name: (buf, None if buf is None else buf.detach().clone()) for name, buf in module._buffers.items()}
+        buffers.append((module, saved))
+    cuda_devices = []
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda_devices = list(range(torch.cuda.device_count()))
+    try:
+        with torch.random.fork_rng(devices=cuda_devices):
+            yield cuda_devices
+    finally:
+        with torch.no_grad():
+            for module, saved in buffers:
+                module._buffers.clear()
+                for name, (buf, copy) in saved.items():
+                    if buf is not None:
+                        buf.copy_(copy)
+                    module._buffers[name] = buf
+        for module, training in modes:
+            module.training = training

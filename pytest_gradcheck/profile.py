@@ -1,0 +1,114 @@
+"""Plain-data gradient profile: what a probe measured, with no torch in sight."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class LayerStats:
+    """Gradient statistics of one module that directly owns trainable parameters."""
+
+    name: str
+    kind: str
+    numel: int
+    grad_mean_abs: float
+    grad_max_abs: float
+    grad_norm: float
+    weight_norm: float
+    zero_fraction: float
+    finite: bool
+    executed: bool = True
+    received_grad: bool = True
+    has_matrix: bool = True
+    is_norm: bool = False
+    shared_with: list[str] = field(default_factory=list)
+    unused_parameters: list[str] = field(default_factory=list)
+
+    @property
+    def pickable(self) -> bool:
+        """Whether this layer may serve as the profile's first or last layer."""
+        return self.has_matrix and self.received_grad and not self.is_norm
+
+    @property
+    def dead(self) -> bool:
+        """All gradients exactly zero although the layer is in the loss graph."""
+        return self.received_grad and self.finite and self.zero_fraction >= 1.0
+
+
+@dataclass
+class GradientProfile:
+    """Per-layer gradient statistics of one forward and backward pass."""
+
+    model: str
+    layers: list[LayerStats]
+    loss: float
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    input_shapes: list[str] = field(default_factory=list)
+
+    @property
+    def first(self) -> LayerStats | None:
+        """First executed layer with a weight matrix that received a gradient."""
+        return next((layer for layer in self.layers if layer.pickable), None)
+
+    @property
+    def last(self) -> LayerStats | None:
+        """Last executed layer with a weight matrix that received a gradient."""
+        return next((layer for layer in reversed(self.layers) if layer.pickable), None)
+
+    @property
+    def ratio(self) -> float | None:
+        """first.grad_mean_abs / last.grad_mean_abs, or None when it cannot be formed."""
+        first, last = self.first, self.last
+        if first is None or last is None or first is last:
+            return None
+        if not (first.finite and last.finite):
+            return float("nan")
+        if last.grad_mean_abs == 0.0:
+            return float("inf") if first.grad_mean_abs > 0.0 else None
+        return first.grad_mean_abs / last.grad_mean_abs
+
+    def layer(self, name: str) -> LayerStats:
+        """The layer called ``name``; raises KeyError listing the known names."""
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        known = ", ".join(layer.name for layer in self.layers)
+        raise KeyError(f"no layer named {name!r} in the profile of {self.model}; layers: {known}")
+
+    def check(self, min_ratio=None, max_ratio=None, fail_on_unused=False, max_grad=None, **rules):
+        """Run the checks against explicit bounds; returns a list of findings."""
+        from pytest_gradcheck.bounds import Bounds
+        from pytest_gradcheck.checks import check
+
+        bounds = Bounds(
+            min_ratio=min_ratio,
+            max_ratio=max_ratio,
+            fail_on_unused=fail_on_unused,
+            max_grad=max_grad,
+            **rules,
+        )
+        return check(self, bounds)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field (the ratio and picks included for readers)."""
+        data = dataclasses.asdict(self)
+        data["ratio"] = self.ratio
+        data["first"] = self.first.name if self.first else None
+        data["last"] = self.last.name if self.last else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GradientProfile:
+        """Rebuild a profile from :meth:`to_dict` output (derived keys are ignored)."""
+        layer_fields = {f.name for f in dataclasses.fields(LayerStats)}
+        layers = [
+            LayerStats(**{k: v for k, v in layer.items() if k in layer_fields})
+            for layer in data["layers"]
+        ]
+        own_fields = {f.name for f in dataclasses.fields(cls)} - {"layers"}
+        return cls(layers=layers, **{k: v for k, v in data.items() if k in own_fields})
