@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 
 from pytest_gradcheck import bounds as bounds_mod
-from pytest_gradcheck.checks import CheckResult, check, failing
+from pytest_gradcheck.checks import CheckResult, failing
 from pytest_gradcheck.errors import GradientHealthError
+from pytest_gradcheck.health import assess
 
 SESSION_KEY = pytest.StashKey["GradcheckSession"]()
 PENDING_KEY = pytest.StashKey[list]()
@@ -84,10 +85,7 @@ def gradient_health(request: pytest.FixtureRequest):
     def gradient_health(model, inputs=None, *, loss_fn=None, seed=0, name=None, **overrides):
         __tracebackhide__ = True
         bounds = bounds_mod.resolve(ini_layer, cli_layer, marker_layer, overrides)
-        from pytest_gradcheck.probe import probe
-
-        profile = probe(model, inputs, loss_fn=loss_fn, seed=seed)
-        findings = check(profile, bounds)
+        profile, findings = assess(model, inputs, bounds=bounds, loss_fn=loss_fn, seed=seed)
         result = CheckResult(request.node.nodeid, name, profile, bounds, findings)
         request.node.stash.setdefault(PENDING_KEY, []).append(result)
         if failing(findings):
