@@ -8,10 +8,17 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 # Measured by benchmarks/measure_bounds.py; the table is in README ("Default bounds").
-DEFAULT_MIN_RATIO = 0.05
-DEFAULT_MAX_RATIO = 20.0
+DEFAULT_MIN_RATIO = 0.02
+DEFAULT_MAX_RATIO = 50.0
 
 _OFF_WORDS = {"off", "none", "no", "false", ""}
+
+# The opt-in activation rules switch on at the thresholds of DeepDiagnosis (Wardat et al.,
+# ICSE 2022): 70% dead ReLU units, 50% of sigmoid/tanh inputs saturated (|x| >= 5).
+DEFAULT_DEAD_RELU = 0.7
+DEFAULT_SATURATION = 0.5
+SHARE_DEFAULTS = {"dead_relu": DEFAULT_DEAD_RELU, "saturation": DEFAULT_SATURATION}
+_ON_WORDS = {"on", "true", "yes", "default"}
 
 
 @dataclass(frozen=True)
@@ -22,6 +29,13 @@ class Bounds:
     max_ratio: float | None = DEFAULT_MAX_RATIO
     max_grad: float | None = None
     fail_on_unused: bool = False
+    dead_relu: float | None = None
+    saturation: float | None = None
+
+    def __post_init__(self) -> None:
+        # Bounds(dead_relu=True) from Python means "on at the published default", as in ini.
+        for name in SHARE_DEFAULTS:
+            object.__setattr__(self, name, parse_share(name, getattr(self, name)))
 
     def describe(self) -> str:
         """One line naming every active bound, for headers and reports."""
@@ -40,10 +54,15 @@ BOUND_NAMES = tuple(f.name for f in dataclasses.fields(Bounds))
 
 def parse_bound(name: str, raw: Any) -> Any:
     """Turn an ini or command-line string into a bound's value, with a clear error."""
-    if not isinstance(raw, str):
-        return raw
-    text = raw.strip().lower()
+    if name in SHARE_DEFAULTS:
+        return parse_share(name, raw)
     field_type = {f.name: f.type for f in dataclasses.fields(Bounds)}[name]
+    if not isinstance(raw, str):
+        # A marker or keyword value: a number gets the same checks as a parsed string.
+        if raw is None or "bool" in str(field_type):
+            return raw
+        return _non_negative(name, raw)
+    text = raw.strip().lower()
     if "bool" in str(field_type):
         if text in ("1", "true", "yes", "on"):
             return True
@@ -58,9 +77,44 @@ def parse_bound(name: str, raw: Any) -> Any:
         raise ValueError(
             f"gradcheck: {name} must be a number or 'off', got {raw!r}"
         ) from None
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"gradcheck: {name} must be a non-negative number, got {raw!r}")
-    return value
+    return _non_negative(name, value, raw)
+
+
+def _non_negative(name: str, value: Any, raw: Any = None) -> float:
+    try:
+        number = math.nan if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if math.isnan(number) or number < 0:
+        shown = value if raw is None else raw
+        raise ValueError(f"gradcheck: {name} must be a non-negative number or 'off', got {shown!r}")
+    return number
+
+
+def parse_share(name: str, raw: Any) -> float | None:
+    """A share rule's threshold: 'on' or True gives the published default, 'off' None, else 0 < share <= 1."""
+    default = SHARE_DEFAULTS[name]
+    if raw is None or raw is False:
+        return None
+    if raw is True:
+        return default
+    value = raw
+    if isinstance(raw, str):
+        text = raw.strip().lower()
+        if text in _ON_WORDS:
+            return default
+        if text in _OFF_WORDS:
+            return None
+        try:
+            value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            value = math.nan
+    if not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(
+            f"gradcheck: {name} must be a share between 0 and 1 (e.g. 0.7 or 70%), "
+            f"'on' for the published default {default:g}, or 'off'; got {raw!r}"
+        )
+    return float(value)
 
 
 def resolve(*layers: Mapping[str, Any]) -> Bounds:

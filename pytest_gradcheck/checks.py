@@ -9,7 +9,7 @@ from typing import Any
 from pytest_gradcheck.bounds import Bounds
 from pytest_gradcheck.profile import GradientProfile
 
-RULES = ("vanishing", "exploding", "nonfinite", "dead", "unused")
+RULES = ("vanishing", "exploding", "nonfinite", "dead", "unused", "dead_relu", "saturation")
 
 
 @dataclass
@@ -48,6 +48,8 @@ def check(profile: GradientProfile, bounds: Bounds) -> list[Finding]:
     findings += _nonfinite_findings(profile)
     findings += _dead_findings(profile)
     findings += _unused_findings(profile, bounds)
+    findings += _dead_relu_findings(profile, bounds)
+    findings += _saturation_findings(profile, bounds)
     return findings
 
 
@@ -124,6 +126,56 @@ def _unused_findings(profile: GradientProfile, bounds: Bounds) -> list[Finding]:
         f"({', '.join(params)}); {how}"
     )
     return [Finding("unused", layers, message, bounds.fail_on_unused)]
+
+
+def _dead_relu_findings(profile: GradientProfile, bounds: Bounds) -> list[Finding]:
+    """Opt-in: ReLU sites where at least ``dead_relu`` of the units are zero for the whole batch."""
+    if bounds.dead_relu is None:
+        return []
+    if profile.activations is None:
+        return [_not_measured("dead_relu")]
+    sites = [s for s in profile.activations.sites if s.dead_share is not None and s.dead_share >= bounds.dead_relu]
+    if not sites:
+        return []
+    worst = max(sites, key=lambda s: s.dead_share)
+    places = ", ".join(f"{s.dead_share:.0%} {s.where} ({s.call})" for s in sites)
+    message = (
+        f"dead ReLUs: {len(sites)} activation site(s) have at least dead_relu {bounds.dead_relu:.0%} of their "
+        f"units zero for every sample in the batch: {places}"
+    )
+    return [Finding("dead_relu", _after_layers(sites), message, True, worst.dead_share, bounds.dead_relu)]
+
+
+def _saturation_findings(profile: GradientProfile, bounds: Bounds) -> list[Finding]:
+    """Opt-in: sigmoid/tanh sites where at least ``saturation`` of the inputs have |x| >= 5."""
+    if bounds.saturation is None:
+        return []
+    if profile.activations is None:
+        return [_not_measured("saturation")]
+    sites = [
+        s for s in profile.activations.sites if s.saturated_share is not None and s.saturated_share >= bounds.saturation
+    ]
+    if not sites:
+        return []
+    worst = max(sites, key=lambda s: s.saturated_share)
+    places = ", ".join(f"{s.saturated_share:.0%} {s.where} ({s.call})" for s in sites)
+    message = (
+        f"saturated activations: {len(sites)} sigmoid/tanh site(s) have at least saturation "
+        f"{bounds.saturation:.0%} of their inputs at |x| >= 5: {places}"
+    )
+    return [Finding("saturation", _after_layers(sites), message, True, worst.saturated_share, bounds.saturation)]
+
+
+def _after_layers(sites) -> list[str]:
+    return list(dict.fromkeys(s.after for s in sites if s.after is not None))
+
+
+def _not_measured(rule: str) -> Finding:
+    message = (
+        f"the {rule} rule is on but this profile has no activation statistics; "
+        "check through gradient_health or pytest_gradcheck.health.assess, which measure them"
+    )
+    return Finding(rule, [], message, False)
 
 
 @dataclass

@@ -14,3 +14,17 @@ class GradientHealthError(AssertionError):
         super().__init__(message)
         self.profile = profile
         self.findings = list(findings)
+
+
+class BaselineFileError(ValueError):
+    """A gradient baseline file is missing, unreadable, corrupt or written by a newer version."""
+
+    def __init__(self, path: str, problem: str, hint: bool = True):
+        message = f"gradient baseline {path} {problem}"
+        if hint:
+            # The file is never overwritten behind the user's back, so say how to replace it.
+            message += "; fix or delete it, or rewrite it with pytest --grad-baseline-update"
+        super().__init__(message)
+        self.path = path
+        self.problem = problem
+        self.hint = hint

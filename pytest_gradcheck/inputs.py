@@ -23,7 +23,8 @@ _HOW_TO_PASS = (
 def infer_inputs(model: nn.Module, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
     """Random inputs shaped for the first parameterised module (registration order)."""
     for name, module in model.named_modules():
-        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+        # Frozen or not: a frozen first layer (a fine-tuned backbone) still takes the input.
+        if next(module.parameters(recurse=False), None) is None:
             continue
         label = f"{type(module).__name__} {name!r}" if name else type(module).__name__
         param = next(module.parameters(recurse=False))
@@ -41,7 +42,7 @@ def infer_inputs(model: nn.Module, batch_size: int = DEFAULT_BATCH_SIZE) -> torc
             f"cannot infer inputs for {type(model).__name__}: its first parameterised module, "
             f"{label}, is not a Linear, Conv1d/2d/3d or Embedding; {_HOW_TO_PASS}"
         )
-    raise ProbeError(f"cannot infer inputs for {type(model).__name__}: it has no trainable parameters")
+    raise ProbeError(f"cannot infer inputs for {type(model).__name__}: it has no parameters; {_HOW_TO_PASS}")
 
 
 def as_call_arguments(inputs: Any) -> tuple[tuple, dict]:
@@ -131,3 +132,25 @@ def _kind_of(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a {str(value.dtype).replace('torch.', '')} tensor of shape {list(value.shape)}"
     return f"a {type(value).__name__}"
+
+
+def random_inputs(model: nn.Module, shapes: list[tuple[int, ...]], dtypes: list[str], device: Any) -> tuple:
+    """One random positional input per shape, for the command line's --input-shape/--input-dtype.
+
+    Floating dtypes draw from N(0, 1). Integer dtypes draw from [0, n), where n is the
+    smallest ``num_embeddings`` among the model's nn.Embedding layers, so the ids are valid
+    for any of them; without an embedding n is 2 (0/1 values: a valid mask or class index).
+    ``bool`` draws 0/1 as well.
+    """
+    high = min((m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)), default=2)
+    tensors = []
+    for shape, dtype_name in zip(shapes, dtypes):
+        dtype = getattr(torch, dtype_name)
+        if dtype.is_floating_point:
+            tensors.append(torch.randn(shape, dtype=dtype, device=device))
+        elif dtype == torch.bool:
+            tensors.append(torch.randint(0, 2, shape, device=device).bool())
+        else:
+            top = min(high, torch.iinfo(dtype).max + 1)
+            tensors.append(torch.randint(0, top, shape, dtype=dtype, device=device))
+    return tuple(tensors)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -11,6 +13,7 @@ import torch
 from torch import nn
 
 from pytest_gradcheck import inputs as model_io
+from pytest_gradcheck import sharded
 from pytest_gradcheck.errors import ProbeError
 from pytest_gradcheck.profile import GradientProfile, LayerStats
 
@@ -65,11 +68,20 @@ def probe(
         )
     model = unwrap(model)
     model_name = type(model).__name__
+    fully_sharded = sharded.is_fully_sharded(model)
     candidates = _parameter_owners(model)
     if not candidates:
         raise ProbeError(
             f"{model_name} has no trainable parameters (none with requires_grad=True); "
             "there are no gradients to check"
+        )
+    # Meta tensors run forward and backward happily but hold no numbers to report.
+    on_meta = [name for layer in candidates for name, param in layer.params if param.is_meta]
+    if on_meta:
+        raise ProbeError(
+            f"{model_name} has {len(on_meta)} trainable parameter(s) on the meta device, which hold "
+            f"no values (first: {on_meta[0]}); materialize the model before probing, e.g. "
+            "model.to_empty(device='cpu') and then initialise or load the weights"
         )
     with _isolated(model) as cuda_devices, torch.enable_grad():
         torch.random.default_generator.manual_seed(seed)
@@ -90,8 +102,12 @@ def probe(
                 f"the loss of {model_name} does not depend on any trainable parameter; "
                 "check that forward() uses the parameters and that no torch.no_grad() hides them"
             )
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        per_param, rows, loss_value = _statistics(layers, grads, record, loss)
+        if fully_sharded:  # every rank must probe: FSDP2 all-gathers and reduce-scatters
+            grads = sharded.gradients(loss, params)
+            per_param, rows, loss_value = sharded.statistics(params, grads, record.embedding_rows, loss)
+        else:
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            per_param, rows, loss_value = _statistics(layers, grads, record, loss)
     return GradientProfile(
         model=model_name,
         layers=_layer_stats(layers, grads, per_param, rows, record),
@@ -232,17 +248,19 @@ def _statistics(layers: list[_Layer], grads, record: _Record, loss: torch.Tensor
         with_grad = [i for i in indices if grads[i] is not None]
         columns = []
         if with_grad:
+            # Each column is stacked at once so that thousands of 0-d results never
+            # pile up together: peak memory stays that of the pass itself.
             grad_list = [grads[i] for i in with_grad]
             for order in (1, 2, math.inf, 0):
-                columns.extend(_norms(grad_list, order))
-            columns.extend(_norms([params[i].detach() for i in with_grad], 2))
+                columns.append(torch.stack(_norms(grad_list, order)))
+            columns.append(torch.stack(_norms([params[i].detach() for i in with_grad], 2)))
         extras = [record.embedding_rows[key] for key in embedding_ids]
-        extras = [t.float() for t in extras if t.device == device]
+        extras = [t.reshape(1).float() for t in extras if t.device == device]
         own_loss = loss.device == device
-        flat = columns + extras + ([loss.detach().float()] if own_loss else [])
+        flat = columns + extras + ([loss.detach().float().reshape(1)] if own_loss else [])
         if not flat:
             continue
-        values = torch.stack([t.reshape(()).to(torch.float32) for t in flat]).tolist()  # the one sync
+        values = torch.cat(flat).tolist()  # the one host sync for this device
         count = len(with_grad)
         for slot, i in enumerate(with_grad):
             per_param[i] = [values[slot + k * count] for k in range(5)]
@@ -274,37 +292,49 @@ def _layer_stats(layers, grads, per_param, rows, record) -> list[LayerStats]:
             entries.append((pname, param, per_param[index]))
             index += 1
         has_matrix = any(param.dim() >= 2 for _, param, _ in entries)
-        measured = [e for e in entries if e[2] is not None and (e[1].dim() >= 2 or not has_matrix)]
         looked_up = rows.get(id(layer.module)) if not layer.sharers else None
-        count = 0.0
-        for _, param, _ in measured:
+
+        def counted(param):
+            # An embedding is judged on the rows the batch looked up, so a large
+            # vocabulary does not look like vanishing or mostly-zero gradients.
             if looked_up is not None and param.dim() == 2:
-                count += looked_up * param.shape[1]
-            else:
-                count += param.numel()
-        got = [e[2] for e in entries if e[2] is not None]
-        l1 = sum(v[_L1] for _, _, v in measured)
-        nonzero = sum(v[_NONZERO] for _, _, v in measured)
+                return looked_up * param.shape[1]
+            return param.numel()
+
+        with_grad = [(param, v) for _, param, v in entries if v is not None]
+        measured = [(param, v) for param, v in with_grad if param.dim() >= 2 or not has_matrix]
+        count = sum(counted(param) for param, _ in measured)
+        l1 = sum(v[_L1] for _, v in measured)
+        total = sum(counted(param) for param, _ in with_grad)
+        nonzero = sum(v[_NONZERO] for _, v in with_grad)
+        got = [v for _, v in with_grad]
         stats.append(
             LayerStats(
-                name=layer.name,
+                name=_public_name(layer.name),
                 kind=type(layer.module).__name__,
                 numel=sum(param.numel() for _, param, _ in entries),
                 grad_mean_abs=l1 / count if count else 0.0,
                 grad_max_abs=max((v[_LINF] for v in got), default=0.0),
                 grad_norm=math.sqrt(sum(v[_L2] ** 2 for v in got)),
                 weight_norm=math.sqrt(sum(v[4] ** 2 for v in got)),
-                zero_fraction=min(1.0, max(0.0, 1.0 - nonzero / count)) if count else 1.0,
+                zero_fraction=min(1.0, max(0.0, 1.0 - nonzero / total)) if total else 1.0,
                 finite=all(math.isfinite(v[_L1]) for v in got),
                 executed=id(layer.module) in record.order,
                 received_grad=bool(got),
                 has_matrix=has_matrix,
                 is_norm=_is_norm(layer.module),
-                shared_with=list(layer.sharers),
-                unused_parameters=[name for name, _, v in entries if v is None],
+                shared_with=[_public_name(name) for name in layer.sharers],
+                unused_parameters=[_public_name(name) for name, _, v in entries if v is None],
             )
         )
-    return stats
+    # A layer that never ran and got no gradient has no place in the execution
+    # order: list it after all the layers that took part in the pass.
+    return sorted(stats, key=lambda layer: not (layer.executed or layer.received_grad))
+
+
+def _public_name(name: str) -> str:
+    """The name a user knows: a submodule wrapped by torch.compile adds an ``_orig_mod`` level."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -335,3 +365,18 @@ def _isolated(model: nn.Module):
                     module._buffers[name] = buf
         for module, training in modes:
             module.training = training
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as :func:`probe`.
+
+    Importing ``pytest_gradcheck.probe`` makes Python set the package attribute
+    ``pytest_gradcheck.probe`` to this module, replacing the public ``probe()``
+    function. Being callable keeps ``pytest_gradcheck.probe(model)`` working after that.
+    """
+
+    def __call__(self, *args, **kwargs) -> GradientProfile:
+        return probe(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

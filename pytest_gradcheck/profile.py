@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,81 @@ class LayerStats:
 
 
 @dataclass
+class ActivationStats:
+    """One activation site of the instrumented forward pass: a function, where it sits, what it saw.
+
+    Calls of the same function after the same layer (an RNN cell over many steps) pool
+    into one site; ``calls`` says how many there were.
+    """
+
+    function: str
+    call: str
+    after: str | None
+    calls: int
+    numel: int
+    output_std: float
+    saturated_share: float | None = None
+    dead_share: float | None = None
+    mean_derivative: float | None = None
+    derivative_bound: float | None = None
+    input_mean: float | None = None
+    input_std: float | None = None
+
+    @property
+    def where(self) -> str:
+        """'after fc1', 'after (root)' or 'before any layer'."""
+        if self.after is None:
+            return "before any layer"
+        return f"after {self.after or '(root)'}"
+
+
+@dataclass
+class InitScale:
+    """One weight matrix's standard deviation next to the Kaiming and Xavier references for it."""
+
+    layer: str
+    parameter: str
+    fan_in: int
+    fan_out: int
+    std: float
+    activation: str
+    gain: float
+    kaiming_std: float
+    xavier_std: float
+
+    @property
+    def reference_std(self) -> float:
+        """The nearer of the two references (on a log scale): the scheme the layer seems to follow."""
+        if self.std <= 0.0:
+            return self.kaiming_std
+        return min((self.kaiming_std, self.xavier_std), key=lambda ref: abs(math.log(self.std / ref)))
+
+    @property
+    def factor(self) -> float:
+        """std / reference_std: below 1 the weights are too small, above 1 too large."""
+        return self.std / self.reference_std
+
+
+@dataclass
+class ActivationProfile:
+    """What the instrumented forward pass measured (pytest_gradcheck.activations)."""
+
+    sites: list[ActivationStats] = field(default_factory=list)
+    init_scales: list[InitScale] = field(default_factory=list)
+    longest_chain: int = 0
+    shortest_chain: int = 0
+    normalisation: list[str] = field(default_factory=list)
+    repeated: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ActivationProfile:
+        values = dict(data)
+        values["sites"] = [ActivationStats(**site) for site in data.get("sites", [])]
+        values["init_scales"] = [InitScale(**scale) for scale in data.get("init_scales", [])]
+        return cls(**values)
+
+
+@dataclass
 class GradientProfile:
     """Per-layer gradient statistics of one forward and backward pass."""
 
@@ -49,6 +125,8 @@ class GradientProfile:
     device: str = "cpu"
     dtype: str = "float32"
     input_shapes: list[str] = field(default_factory=list)
+    # None until the instrumented activation pass runs (health.assess decides when).
+    activations: ActivationProfile | None = None
 
     @property
     def first(self) -> LayerStats | None:
@@ -81,18 +159,18 @@ class GradientProfile:
         raise KeyError(f"no layer named {name!r} in the profile of {self.model}; layers: {known}")
 
     def check(self, min_ratio=None, max_ratio=None, fail_on_unused=False, max_grad=None, **rules):
-        """Run the checks against explicit bounds; returns a list of findings."""
-        from pytest_gradcheck.bounds import Bounds
+        """Check this profile; returns the list of findings.
+
+        A bound left at None takes its default (see ``pytest_gradcheck.Bounds``);
+        pass the string ``"off"`` to switch it off.
+        """
+        from pytest_gradcheck.bounds import resolve
         from pytest_gradcheck.checks import check
 
-        bounds = Bounds(
-            min_ratio=min_ratio,
-            max_ratio=max_ratio,
-            fail_on_unused=fail_on_unused,
-            max_grad=max_grad,
-            **rules,
-        )
-        return check(self, bounds)
+        given = {"min_ratio": min_ratio, "max_ratio": max_ratio, "max_grad": max_grad, **rules}
+        layer = {name: value for name, value in given.items() if value is not None}
+        layer["fail_on_unused"] = fail_on_unused
+        return check(self, resolve(layer))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field (the ratio and picks included for readers)."""
@@ -110,5 +188,8 @@ class GradientProfile:
             LayerStats(**{k: v for k, v in layer.items() if k in layer_fields})
             for layer in data["layers"]
         ]
-        own_fields = {f.name for f in dataclasses.fields(cls)} - {"layers"}
-        return cls(layers=layers, **{k: v for k, v in data.items() if k in own_fields})
+        own_fields = {f.name for f in dataclasses.fields(cls)} - {"layers", "activations"}
+        activations = data.get("activations")
+        if activations is not None:
+            activations = ActivationProfile.from_dict(activations)
+        return cls(layers=layers, activations=activations, **{k: v for k, v in data.items() if k in own_fields})

@@ -1,0 +1,192 @@
+"""What a probe costs next to the bare forward and backward pass it cannot avoid.
+
+Run: python benchmarks/overhead.py [--quick]
+
+Every number is a median of alternating runs after a warm-up, and every claim is
+a ratio of two things measured side by side in this one run:
+
+- probe:  pytest_gradcheck.probe(model, inputs)
+- bare:   model(inputs).sum().backward(), the floor
+- seed:   the notebook's loop: .backward(), then one .item() per layer (the peer)
+- norms:  one torch._foreach_norm pass over all gradients and all weights, the
+          physical floor for per-layer statistics; "extra" is probe minus bare.
+Peak memory is measured in a fresh child process per variant: the peak resident
+set above what the process held before it built the model (CPU), or
+max_memory_allocated (CUDA); both count the model, its inputs and one pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from models import build  # noqa: E402
+
+from pytest_gradcheck import probe  # noqa: E402
+
+TARGETS = {"gpt2-small": 1.10, "resnet18": 1.10, "mlp-1000": 1.30}
+
+
+def bare_pass(model, inputs):
+    model.zero_grad(set_to_none=True)
+    model(inputs).sum().backward()
+
+
+def seed_loop(model, inputs):
+    model.zero_grad(set_to_none=True)
+    model(inputs).sum().backward()
+    return [m.weight.grad.abs().mean().item() for m in model.modules() if getattr(m, "weight", None) is not None
+            and m.weight.dim() >= 2 and m.weight.grad is not None]
+
+
+def probe_pass(model, inputs):
+    return probe(model, inputs)
+
+
+def norms_pass(grads, weights):
+    torch._foreach_norm(grads)
+    torch._foreach_norm(weights)
+    if grads[0].is_cuda:
+        torch.cuda.synchronize()
+
+
+def timed(fn, *args) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    fn(*args)
+    sync()
+    return time.perf_counter() - start
+
+
+def alternate(model, inputs, reps: int) -> dict[str, float]:
+    """Median seconds of each variant, interleaved so drift hits all of them alike."""
+    model.train()
+    variants = {"probe": probe_pass, "bare": bare_pass, "seed": seed_loop}
+    for fn in variants.values():  # warm-up
+        fn(model, inputs)
+    bare_pass(model, inputs)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    weights = [p.detach() for p in model.parameters() if p.grad is not None]
+    norms_pass(grads, weights)
+    samples: dict[str, list[float]] = {name: [] for name in [*variants, "norms"]}
+    for rep in range(reps):
+        order = list(variants.items())
+        if rep % 2:
+            order.reverse()
+        for name, fn in order:
+            if name != "probe":
+                model.zero_grad(set_to_none=True)
+            samples[name].append(timed(fn, model, inputs))
+        samples["norms"].append(timed(norms_pass, grads, weights))
+    model.zero_grad(set_to_none=True)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def peak_memory(case: str, mode: str, device: str) -> float:
+    """Peak bytes a single pass adds, measured in a fresh child process."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-child", case, mode, "--device", device],
+        capture_output=True, text=True, check=True,
+    )
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak"])
+
+
+def memory_child(case: str, mode: str, device: str) -> None:
+    # Warm up on a tiny model first: the first call of each kernel maps library code
+    # pages into the process, which would count as resident memory of the pass.
+    tiny, tiny_inputs = build("mlp-2")
+    probe_pass(tiny, tiny_inputs)
+    bare_pass(tiny, tiny_inputs)
+    # Measured from before the model exists, as CUDA's max_memory_allocated counts
+    # the parameters too: the peak is the model, its inputs, and the pass.
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = _rss_now()
+    model, inputs = build(case)
+    model, inputs = model.to(device), inputs.to(device)
+    model.train()
+    (probe_pass if mode == "probe" else bare_pass)(model, inputs)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    print(json.dumps({"peak": peak}))
+
+
+def _rss_now() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions, for a smoke run")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    parser.add_argument("--memory-child", nargs=2, metavar=("CASE", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(*args.memory_child, args.device)
+        return 0
+
+    reps = {"gpt2-small": 3 if args.quick else 7, "resnet18": 5 if args.quick else 15, "mlp-1000": 5 if args.quick else 21}
+    print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    rows, ok = [], True
+    for case, target in TARGETS.items():
+        model, inputs = build(case)
+        model, inputs = model.to(args.device), inputs.to(args.device)
+        t = alternate(model, inputs, reps[case])
+        ratio = t["probe"] / t["bare"]
+        extra = t["probe"] - t["bare"]
+        extra_vs_norms = extra / t["norms"]
+        if args.no_memory:
+            memory = float("nan")
+        else:
+            memory = peak_memory(case, "probe", args.device) / peak_memory(case, "bare", args.device)
+        passed = ratio <= target and extra_vs_norms <= 2.0 and (args.no_memory or memory <= 1.10)
+        ok &= passed
+        rows.append(
+            f"| {case} | {t['bare'] * 1e3:.1f} | {t['probe'] * 1e3:.1f} | {t['seed'] * 1e3:.1f} | "
+            f"**{ratio:.3f}** (<= {target}) | {t['seed'] / t['bare']:.3f} | {extra * 1e3:.1f} | "
+            f"{t['norms'] * 1e3:.1f} | {extra_vs_norms:.2f} (<= 2) | {memory:.3f} (<= 1.1) | {'ok' if passed else 'MISSED'} |"
+        )
+        del model, inputs
+    print("| model | bare ms | probe ms | seed loop ms | probe / bare | seed / bare | extra ms | foreach_norm ms "
+          "| extra / norms | peak memory probe / bare | targets |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+    print("\nGrowth with depth (32-wide MLP, batch 8):\n")
+    print("| layers | bare ms | probe ms | probe us per layer | extra us per layer |")
+    print("|---|---|---|---|---|")
+    per_layer = {}
+    for layers in (10, 100, 1000):
+        model, inputs = build(f"mlp-{layers}")
+        model, inputs = model.to(args.device), inputs.to(args.device)
+        t = alternate(model, inputs, 5 if args.quick else 15)
+        per_layer[layers] = (t["probe"] - t["bare"]) / layers
+        print(f"| {layers} | {t['bare'] * 1e3:.2f} | {t['probe'] * 1e3:.2f} | {t['probe'] / layers * 1e6:.1f} "
+              f"| {per_layer[layers] * 1e6:.1f} |")
+    growth = per_layer[1000] / per_layer[100]
+    print(f"\nextra cost per layer at 1000 layers / at 100 layers: {growth:.2f} (1.0 is linear; a quadratic term shows as ~10)")
+    print("\nall targets met" if ok else "\nSOME TARGETS MISSED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

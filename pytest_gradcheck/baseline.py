@@ -1,0 +1,322 @@
+"""Gradient-profile baselines: where they live, the JSON file format, and the comparison."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pytest_gradcheck.errors import BaselineFileError
+from pytest_gradcheck.files import write_atomically
+from pytest_gradcheck.profile import GradientProfile, LayerStats
+
+SCHEMA_VERSION = 1
+# Enough to see a 10% drift, few enough that thread-count noise rarely changes the file.
+SIGNIFICANT_DIGITS = 4
+# Measured by benchmarks/measure_baseline_noise.py; see README ("Baselines").
+DEFAULT_TOLERANCE = 2.0
+BASELINE_DIR = "__gradcheck__"
+
+_FLOAT_LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerStats) if f.type == "float")
+# What a file name may hold as is; anything else becomes "_" plus a hash of the original.
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.,=+\-\[\]]")
+_MAX_STEM = 120
+
+
+# -- where baselines live ----------------------------------------------------------
+
+
+def baseline_dir(test_module: Path) -> Path:
+    """The folder that holds the baselines of one test module: ``__gradcheck__/<module>/``."""
+    test_module = Path(test_module)
+    return test_module.parent / BASELINE_DIR / test_module.stem
+
+
+def baseline_path(test_module: Path, nodeid: str, name: str | None = None) -> Path:
+    """The baseline file of one test (and one named fixture call) of ``test_module``.
+
+    ``tests/test_m.py::TestNet::test_fit[cpu-2]`` with ``name="encoder"`` gives
+    ``tests/__gradcheck__/test_m/TestNet.test_fit[cpu-2].encoder.json``.
+    """
+    test_part = ".".join(nodeid.split("::")[1:]) or Path(test_module).stem
+    stem = _safe(test_part)
+    if name:
+        stem += "." + _safe(str(name))
+    return baseline_dir(test_module) / f"{stem}.json"
+
+
+def _safe(text: str) -> str:
+    """``text`` as a portable file-name part; altered or long names get a hash so they stay unique."""
+    cleaned = _UNSAFE.sub("_", text).strip(".")
+    if cleaned == text and len(text) <= _MAX_STEM:
+        return text
+    digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+    return f"{cleaned[:_MAX_STEM]}-{digest}"
+
+
+# -- the file format ---------------------------------------------------------------
+
+
+def _round(value: float) -> float | str:
+    # JSON has no NaN or Infinity; strict readers (jq, browsers) reject Python's tokens.
+    if not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return float(f"{value:.{SIGNIFICANT_DIGITS}g}")
+
+
+def _rounded(data: Any) -> Any:
+    if isinstance(data, float):
+        return _round(data)
+    if isinstance(data, dict):
+        return {key: _rounded(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [_rounded(value) for value in data]
+    return data
+
+
+def dumps_baseline(profile: GradientProfile) -> str:
+    """The baseline text of ``profile``: sorted keys, rounded floats, one trailing newline."""
+    data = _rounded(profile.to_dict())
+    # Only gradients are compared; diagnosis data (activations) would only make the file churn.
+    data.pop("activations", None)
+    data["schema_version"] = SCHEMA_VERSION
+    return json.dumps(data, sort_keys=True, indent=2, allow_nan=False) + "\n"
+
+
+def loads_baseline(text: str, source: str = "<string>") -> GradientProfile:
+    """Parse baseline text; every problem is a BaselineFileError naming ``source``."""
+    try:
+        data = json.loads(text)
+    except ValueError as error:
+        raise BaselineFileError(source, f"is corrupt: not valid JSON ({error})") from None
+    if not isinstance(data, dict) or "schema_version" not in data:
+        raise BaselineFileError(source, "is corrupt: not a gradient baseline (no schema_version)")
+    version = data["schema_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise BaselineFileError(source, f"is corrupt: schema_version {version!r} is not a positive integer")
+    if version > SCHEMA_VERSION:
+        raise BaselineFileError(
+            source,
+            f"has schema_version {version}, newer than this pytest-gradcheck reads ({SCHEMA_VERSION}); "
+            "upgrade pytest-gradcheck",
+            hint=False,
+        )
+    try:
+        return _profile_from(data)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise BaselineFileError(source, f"is corrupt: {type(error).__name__}: {error}") from None
+
+
+def _profile_from(data: dict[str, Any]) -> GradientProfile:
+    for layer in data["layers"]:
+        for key in _FLOAT_LAYER_FIELDS:
+            layer[key] = float(layer[key])
+    data["loss"] = float(data["loss"])
+    return GradientProfile.from_dict(data)
+
+
+def load_baseline(path: str | os.PathLike) -> GradientProfile:
+    """Read the baseline at ``path``; a missing, unreadable, corrupt or too new file raises BaselineFileError."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BaselineFileError(str(path), "does not exist", hint=False) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise BaselineFileError(str(path), f"is unreadable: {error}") from None
+    return loads_baseline(text, str(path))
+
+
+def save_baseline(path: str | os.PathLike, profile: GradientProfile) -> None:
+    """Write ``profile`` as the baseline at ``path`` atomically: readers see the old file or the new one."""
+    write_atomically(Path(path), dumps_baseline(profile))
+
+
+# -- the comparison ----------------------------------------------------------------
+
+
+def parse_tolerance(raw: Any) -> float:
+    """A tolerance factor from a number or an ini string; at least 1 (2.0 allows half to double)."""
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"gradcheck: baseline tolerance must be a number such as 2.0, got {raw!r}") from None
+    if math.isnan(value) or value < 1.0:
+        raise ValueError(
+            f"gradcheck: baseline tolerance is a factor of at least 1 (2.0 allows half to double), got {raw!r}; "
+            "for a 10% tolerance use 1.1"
+        )
+    return value
+
+
+@dataclass
+class LayerDelta:
+    """One row of the comparison: a layer's mean |grad| in the baseline and now."""
+
+    name: str
+    kind: str
+    baseline: float | None
+    now: float | None
+    status: str  # "ok", "moved", "added", "removed" or "renamed"
+    renamed_from: str | None = None
+
+    @property
+    def factor(self) -> float | None:
+        """now / baseline; None when the layer is missing on one side."""
+        return _factor(self.baseline, self.now)
+
+    @property
+    def out_of_tolerance(self) -> bool:
+        return self.status != "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["factor"] = self.factor
+        return data
+
+
+@dataclass
+class BaselineComparison:
+    """How a profile differs from its baseline, and whether that is within ``tolerance``."""
+
+    model: str
+    tolerance: float
+    layers: list[LayerDelta]
+    baseline_ratio: float | None
+    ratio: float | None
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    renamed: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ratio_factor(self) -> float | None:
+        return _factor(self.baseline_ratio, self.ratio)
+
+    @property
+    def ratio_moved(self) -> bool:
+        if self.baseline_ratio is None and self.ratio is None:
+            return False
+        return not _within(self.ratio_factor, self.tolerance)
+
+    @property
+    def moved(self) -> list[LayerDelta]:
+        """Layers present on both sides whose mean |grad| moved beyond the tolerance."""
+        return [delta for delta in self.layers if delta.status == "moved"]
+
+    @property
+    def passed(self) -> bool:
+        return not (self.moved or self.ratio_moved or self.added or self.removed or self.renamed)
+
+    def problems(self) -> list[str]:
+        """One line per reason the comparison fails, with the numbers; empty when it passes."""
+        lines = []
+        if self.moved:
+            shown = ", ".join(f"{d.name or '(root)'} {_times(d.factor)}" for d in self.moved)
+            lines.append(f"mean |grad| moved beyond {self.tolerance:g}x in {len(self.moved)} layer(s): {shown}")
+        if self.ratio_moved:
+            lines.append(
+                f"first/last ratio moved {_times(self.ratio_factor)} "
+                f"(baseline {_show(self.baseline_ratio)}, now {_show(self.ratio)}), beyond {self.tolerance:g}x"
+            )
+        if self.added:
+            lines.append("layers added: " + ", ".join(self.added))
+        if self.removed:
+            lines.append("layers removed: " + ", ".join(self.removed))
+        if self.renamed:
+            lines.append("layers renamed: " + ", ".join(f"{old} -> {new}" for old, new in self.renamed))
+        return lines
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "tolerance": self.tolerance,
+            "passed": self.passed,
+            "layers": [delta.to_dict() for delta in self.layers],
+            "baseline_ratio": self.baseline_ratio,
+            "ratio": self.ratio,
+            "ratio_factor": self.ratio_factor,
+            "added": list(self.added),
+            "removed": list(self.removed),
+            "renamed": [list(pair) for pair in self.renamed],
+            "problems": self.problems(),
+        }
+
+
+def compare(baseline: GradientProfile, profile: GradientProfile, tolerance: float = DEFAULT_TOLERANCE) -> BaselineComparison:
+    """Compare ``profile`` with ``baseline`` layer by layer (matched by name) and by first/last ratio.
+
+    A layer fails when its mean |grad| moved by more than ``tolerance`` either way;
+    a removed and an added layer of the same kind and size count as one renamed layer.
+    """
+    tolerance = parse_tolerance(tolerance)
+    before = {layer.name: layer for layer in baseline.layers}
+    now_names = {layer.name for layer in profile.layers}
+    removed = [layer for layer in baseline.layers if layer.name not in now_names]
+    renamed_from = _pair_renames(removed, [layer for layer in profile.layers if layer.name not in before])
+    deltas = []
+    for layer in profile.layers:
+        old = before.get(layer.name)
+        if old is not None:
+            factor = _factor(old.grad_mean_abs, layer.grad_mean_abs)
+            status = "ok" if _within(factor, tolerance) else "moved"
+            deltas.append(LayerDelta(layer.name, layer.kind, old.grad_mean_abs, layer.grad_mean_abs, status))
+        elif layer.name in renamed_from:
+            old = renamed_from[layer.name]
+            deltas.append(LayerDelta(layer.name, layer.kind, old.grad_mean_abs, layer.grad_mean_abs, "renamed", old.name))
+        else:
+            deltas.append(LayerDelta(layer.name, layer.kind, None, layer.grad_mean_abs, "added"))
+    paired = {old.name for old in renamed_from.values()}
+    for old in removed:
+        if old.name not in paired:
+            deltas.append(LayerDelta(old.name, old.kind, old.grad_mean_abs, None, "removed"))
+    return BaselineComparison(
+        model=profile.model,
+        tolerance=tolerance,
+        layers=deltas,
+        baseline_ratio=baseline.ratio,
+        ratio=profile.ratio,
+        added=[d.name for d in deltas if d.status == "added"],
+        removed=[d.name for d in deltas if d.status == "removed"],
+        renamed=[(d.renamed_from, d.name) for d in deltas if d.status == "renamed"],
+    )
+
+
+def _pair_renames(removed: list[LayerStats], added: list[LayerStats]) -> dict[str, LayerStats]:
+    """Match each added layer to the first unmatched removed layer of the same kind and size."""
+    pairs: dict[str, LayerStats] = {}
+    free = list(removed)
+    for layer in added:
+        for old in free:
+            if (old.kind, old.numel) == (layer.kind, layer.numel):
+                pairs[layer.name] = old
+                free.remove(old)
+                break
+    return pairs
+
+
+def _factor(before: float | None, now: float | None) -> float | None:
+    if before is None or now is None:
+        return None
+    if before == 0.0:
+        return 1.0 if now == 0.0 else math.inf
+    return now / before
+
+
+def _within(factor: float | None, tolerance: float) -> bool:
+    # NaN and None fail: a layer whose gradient became NaN has certainly moved.
+    if factor is None or math.isnan(factor):
+        return False
+    return 1.0 / tolerance <= factor <= tolerance
+
+
+def _times(factor: float | None) -> str:
+    return "n/a" if factor is None else f"{factor:.3g}x"
+
+
+def _show(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"

@@ -1,0 +1,212 @@
+"""Baselines in a pytest session: the fixture's check, files used, modules run in full, unused files."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_gradcheck import baseline as baseline_mod
+from pytest_gradcheck.errors import BaselineFileError, GradientHealthError
+
+EVENTS_KEY = pytest.StashKey[list]()
+BASELINE_KWARGS = ("baseline", "tolerance")
+ACTIONS = ("created", "updated", "compared", "failed")
+
+
+def split_marker_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(bounds, baseline settings) from the marker's keyword arguments."""
+    bounds = {key: value for key, value in kwargs.items() if key not in BASELINE_KWARGS}
+    settings = {key: value for key, value in kwargs.items() if key in BASELINE_KWARGS}
+    return bounds, settings
+
+
+def baseline_settings(config: pytest.Config, marker: dict[str, Any], baseline, tolerance) -> tuple[bool, float | None]:
+    """Whether the baseline check is on, and its tolerance: keyword, then marker, then ini."""
+    if baseline is None:
+        baseline = marker.get("baseline", config.getini("grad_baseline"))
+    if not baseline:
+        return False, None
+    if tolerance is None:
+        tolerance = marker.get("tolerance", config.getini("grad_baseline_tolerance"))
+    return True, baseline_mod.parse_tolerance(tolerance)
+
+
+def shown(config: pytest.Config, path: Path | str) -> str:
+    """``path`` relative to the rootdir, as users see it in their tree."""
+    try:
+        return os.path.relpath(path, config.rootpath)
+    except ValueError:  # another drive on Windows
+        return str(path)
+
+
+def check_baseline(request: pytest.FixtureRequest, profile, name: str | None, tolerance: float) -> None:
+    """Compare ``profile`` with the test's baseline file, or write it under --grad-baseline-update."""
+    __tracebackhide__ = True
+    config, node = request.config, request.node
+    path = baseline_mod.baseline_path(node.path, node.nodeid, name)
+    events = node.stash.setdefault(EVENTS_KEY, [])
+    if any(event["path"] == str(path) for event in events):
+        raise ValueError(
+            f"gradcheck: two gradient_health calls in {node.nodeid} share the baseline file "
+            f"{shown(config, path)}; give each call its own name=, e.g. gradient_health(model, name='encoder')"
+        )
+    # Recorded before anything can fail: a test that reached its baseline has used the file.
+    event = {"path": str(path), "action": "failed"}
+    events.append(event)
+    if config.getoption("grad_baseline_update"):
+        action = "updated" if path.exists() else "created"
+        baseline_mod.save_baseline(path, profile)
+        event["action"] = action
+        return
+    if not path.exists():
+        raise GradientHealthError(
+            f"no gradient baseline for {profile.model} in {node.nodeid}: {shown(config, path)} does not exist. "
+            f"Create it with: pytest --grad-baseline-update '{node.nodeid}' (then commit the file)",
+            profile,
+        )
+    try:
+        stored = baseline_mod.load_baseline(path)
+    except BaselineFileError as error:
+        raise BaselineFileError(shown(config, path), error.problem, error.hint) from None
+    comparison = baseline_mod.compare(stored, profile, tolerance)
+    if not comparison.passed:
+        from pytest_gradcheck.report import render_baseline_failure
+
+        rerun = f"pytest --grad-baseline-update '{node.nodeid}'"
+        raise GradientHealthError(render_baseline_failure(comparison, shown(config, path), rerun), profile)
+    event["action"] = "compared"
+
+
+class BaselineSession:
+    """Registered as a plugin: carries baseline use to the controller and finds unused files.
+
+    A file is unused only when its module ran in full: every test the module defines
+    was selected (no -k, -m, --deselect, --lf or node id left one out), it collected
+    without error, and every test passed its call phase (a skipped, failed or erroring
+    test may have stopped before it reached its baseline).
+    """
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        # Collection side (the only process, or each xdist worker).
+        self.baseline_dirs: dict[str, bool] = {}
+        self.defined: dict[str, dict[str, set[str]]] = {}
+        self.partial: set[str] = set()
+        self.module_info: dict[str, dict[str, Any]] = {}
+        # Reporting side (the only process, or the xdist controller).
+        self.counts: Counter[str] = Counter()
+        self.used: set[str] = set()
+        self.modules: dict[str, dict[str, Any]] = {}
+        self.passed: dict[str, set[str]] = {}
+        self.unused: list[Path] = []
+
+    # -- collection side --------------------------------------------------------
+
+    @pytest.hookimpl(wrapper=True, trylast=True)
+    def pytest_make_collect_report(self, collector: pytest.Collector):
+        # Innermost wrapper: sees what a module defines before --lf or node-id
+        # selection trims it, which is how a partial run is recognised.
+        report = yield
+        if isinstance(collector, (pytest.Session, pytest.Directory)) or not self._has_baselines(collector.path):
+            return report
+        defined = self.defined.setdefault(str(collector.path), {"items": set(), "collectors": set(), "collected": set()})
+        defined["collected"].add(collector.nodeid)
+        if report.outcome != "passed":
+            self.partial.add(str(collector.path))
+        for child in report.result or ():
+            defined["items" if isinstance(child, pytest.Item) else "collectors"].add(child.nodeid)
+        return report
+
+    def _has_baselines(self, module: Path) -> bool:
+        key = str(module)
+        if key not in self.baseline_dirs:
+            self.baseline_dirs[key] = baseline_mod.baseline_dir(module).is_dir()
+        return self.baseline_dirs[key]
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        selected: dict[str, set[str]] = {}
+        for item in session.items:
+            selected.setdefault(str(item.path), set()).add(item.nodeid)
+        for module, nodeids in selected.items():
+            defined = self.defined.get(module)
+            if defined is None:
+                continue
+            complete = (
+                module not in self.partial
+                and defined["items"] <= nodeids  # nothing deselected (-k, -m, --lf, node ids)
+                and defined["collectors"] <= defined["collected"]  # no class left uncollected
+            )
+            self.module_info[module] = {"path": module, "selected": len(nodeids), "complete": complete}
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call):
+        report = yield
+        events = item.stash.get(EVENTS_KEY, None)
+        if events:
+            report.gradcheck_baselines = list(events)
+            events.clear()
+        if report.when == "call" and str(item.path) in self.module_info:
+            report.gradcheck_module = self.module_info[str(item.path)]
+        return report
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_report_to_serializable(self, config: pytest.Config, report):
+        data = yield
+        if data is not None:
+            for key in ("gradcheck_baselines", "gradcheck_module"):
+                if getattr(report, key, None):
+                    data[key] = getattr(report, key)
+        return data
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_report_from_serializable(self, config: pytest.Config, data):
+        report = yield
+        if report is not None:
+            for key in ("gradcheck_baselines", "gradcheck_module"):
+                if key in data:
+                    setattr(report, key, data[key])
+        return report
+
+    # -- reporting side ----------------------------------------------------------
+
+    def pytest_runtest_logreport(self, report) -> None:
+        for event in getattr(report, "gradcheck_baselines", None) or ():
+            self.counts[event["action"]] += 1
+            self.used.add(event["path"])
+        module = getattr(report, "gradcheck_module", None)
+        if module:
+            seen = self.modules.setdefault(module["path"], dict(module))
+            seen["complete"] = seen["complete"] and module["complete"]
+            if report.passed:
+                self.passed.setdefault(module["path"], set()).add(report.nodeid)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if hasattr(self.config, "workerinput"):
+            return  # a worker saw only its share of the tests; the controller decides
+        for module, info in sorted(self.modules.items()):
+            if not info["complete"] or len(self.passed.get(module, ())) < info["selected"]:
+                continue
+            files = sorted(baseline_mod.baseline_dir(Path(module)).glob("*.json"))
+            self.unused += [path for path in files if str(path) not in self.used]
+        if self.config.getoption("grad_baseline_prune"):
+            for path in self.unused:
+                path.unlink(missing_ok=True)
+                for folder in (path.parent, path.parent.parent):
+                    with contextlib.suppress(OSError):  # only empty folders go
+                        folder.rmdir()
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if not (self.counts or self.unused):
+            return
+        from pytest_gradcheck.report import render_baseline_summary
+
+        terminalreporter.write_sep("-", "gradient baselines")
+        unused = [shown(self.config, path) for path in self.unused]
+        pruned = self.config.getoption("grad_baseline_prune")
+        for line in render_baseline_summary(dict(self.counts), unused, pruned):
+            terminalreporter.write_line(line)

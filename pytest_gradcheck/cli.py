@@ -1,0 +1,252 @@
+"""The command line: probe one model named by TARGET and report its gradient health."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from pytest_gradcheck import bounds as bounds_mod
+from pytest_gradcheck.baseline import DEFAULT_TOLERANCE
+from pytest_gradcheck.plugin import _BOUND_OPTIONS as BOUND_OPTIONS  # one table: a new bound gets both flags
+
+EXIT_HEALTHY, EXIT_FAILING, EXIT_USAGE = 0, 1, 2
+FORMATS = ("table", "markdown", "json")
+INPUT_DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
+
+DESCRIPTION = "Probe one PyTorch model (one forward and one backward pass) and report vanishing or exploding gradients."
+EPILOG = """\
+TARGET is package.module:attr or path/to/file.py:attr, where attr is an nn.Module
+instance, an nn.Module subclass with a no-argument constructor, or a function that
+takes no arguments and returns a model.
+
+example:
+  gradcheck examples/seed_networks.py:SigmoidNet --input-shape 1,64 --plot sig.png
+  python -m pytest_gradcheck mypkg.models:build --input-shape 8,16 --input-dtype int64 --format markdown
+
+inputs: each --input-shape is one positional argument of forward(). Floating dtypes
+draw from N(0, 1); integer dtypes draw ids in [0, n) with n the smallest num_embeddings
+of the model's nn.Embedding layers (2 when it has none); bool draws 0/1. Without
+--input-shape the inputs are inferred from the first layer, as the pytest fixture does.
+--seed seeds the weight initialisation, the inputs and the probe.
+
+exit status: 0 healthy, 1 a failing finding or a baseline regression, 2 a usage or load error.
+"""
+
+
+class UsageError(Exception):
+    """Bad options or a TARGET that cannot be loaded or probed: exit status 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradcheck",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("target", metavar="TARGET", help="package.module:attr or path/to/file.py:attr")
+    model = parser.add_argument_group("model and inputs")
+    model.add_argument("--input-shape", dest="input_shapes", action="append", type=parse_shape, metavar="D1,D2,...",
+                       help="shape of one positional input, e.g. 8,64 (repeat for several inputs)")
+    model.add_argument("--input-dtype", dest="input_dtypes", action="append", choices=INPUT_DTYPES, metavar="DTYPE",
+                       help="dtype of the inputs: once for all, or once per --input-shape (default float32; "
+                            f"one of {', '.join(INPUT_DTYPES)})")
+    model.add_argument("--device", default="cpu", help="device for the model and inputs, e.g. cuda:0 (default cpu)")
+    model.add_argument("--seed", type=int, default=0, help="seed for weights, inputs and the probe (default 0)")
+    checks = parser.add_argument_group("bounds (the pytest options --grad-* without 'grad-')")
+    for name, pytest_flag, text in BOUND_OPTIONS:
+        checks.add_argument(pytest_flag.replace("--grad-", "--"), dest=name, metavar="VALUE", help=text)
+    output = parser.add_argument_group("output")
+    output.add_argument("--format", choices=FORMATS, default="table", help="report format on stdout (default table)")
+    output.add_argument("--plot", metavar="FILE", help="write a gradient-flow chart to FILE (.png or .svg; needs matplotlib)")
+    baselines = parser.add_argument_group("baselines")
+    baselines.add_argument("--baseline", metavar="FILE",
+                           help="compare each layer's mean |grad| with a baseline file; a change beyond --tolerance exits 1")
+    baselines.add_argument("--save-baseline", metavar="FILE",
+                           help="write this run's profile as a baseline file (the format pytest --grad-baseline uses)")
+    baselines.add_argument("--tolerance", metavar="FACTOR", default=None,
+                           help="factor a layer's mean |grad| may move from --baseline, either way "
+                                f"(default {DEFAULT_TOLERANCE:g}, as for pytest; 1.1 allows 10%%)")
+    return parser
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'8,64' -> (8, 64); argparse turns the ValueError into a usage error naming the option."""
+    try:
+        shape = tuple(int(part) for part in text.replace(" ", "").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape; write positive integers separated by commas, e.g. 8,64") from None
+    if not shape or any(size <= 0 for size in shape):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape; every size must be a positive integer")
+    return shape
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or an argparse usage error (2), already printed
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    try:
+        return run(args)
+    except UsageError as error:
+        print(f"gradcheck: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def run(args: argparse.Namespace) -> int:
+    # Everything that can be checked without torch is checked before the model loads.
+    bounds = resolve_bounds(args)
+    dtypes = input_dtypes(args)
+    if args.plot:
+        check_plot_request(args.plot)
+    tolerance, baseline = load_baseline_request(args)
+    result = probe_target(args, bounds, dtypes)
+    print(render(args.format, result))
+    regressed = False
+    if baseline is not None:
+        from pytest_gradcheck.baseline import compare
+
+        comparison = compare(baseline, result.profile, tolerance)
+        print_comparison(args, comparison)
+        regressed = not comparison.passed
+    write_files(args, result)
+    from pytest_gradcheck.checks import failing
+
+    return EXIT_FAILING if failing(result.findings) or regressed else EXIT_HEALTHY
+
+
+def write_files(args: argparse.Namespace, result) -> None:
+    """--save-baseline and --plot, each announced on stderr so stdout holds only the report."""
+    try:
+        if args.save_baseline:
+            from pytest_gradcheck.baseline import save_baseline
+
+            save_baseline(args.save_baseline, result.profile)
+            print(f"gradcheck: wrote baseline to {args.save_baseline}", file=sys.stderr)
+        if args.plot:
+            from pytest_gradcheck.plot import plot_profile
+
+            written = plot_profile(result.profile, result.findings, result.bounds, args.plot, title=args.target)
+            print(f"gradcheck: wrote gradient-flow plot to {written}", file=sys.stderr)
+    except OSError as error:
+        raise UsageError(f"cannot write {error.filename or 'the output file'}: {error.strerror or error}") from None
+
+
+def resolve_bounds(args: argparse.Namespace):
+    given = {name: getattr(args, name) for name, _, _ in BOUND_OPTIONS}
+    try:
+        return bounds_mod.resolve({name: value for name, value in given.items() if value is not None})
+    except (TypeError, ValueError) as error:
+        raise UsageError(str(error).removeprefix("gradcheck: ")) from None
+
+
+def input_dtypes(args: argparse.Namespace) -> list[str]:
+    shapes = args.input_shapes or []
+    dtypes = args.input_dtypes or ["float32"]
+    if args.input_dtypes and not shapes:
+        raise UsageError("--input-dtype needs --input-shape; give one --input-shape per positional input")
+    if len(dtypes) == 1:
+        return dtypes * len(shapes)
+    if len(dtypes) != len(shapes):
+        raise UsageError(
+            f"got {len(dtypes)} --input-dtype for {len(shapes)} --input-shape; give one dtype for all inputs or one per shape"
+        )
+    return dtypes
+
+
+def check_plot_request(path: str) -> None:
+    from pytest_gradcheck.plot import PlotUnavailable, check_suffix, require_matplotlib
+
+    try:
+        check_suffix(path)
+        require_matplotlib()
+    except (ValueError, PlotUnavailable) as error:
+        raise UsageError(f"--plot: {error}") from None
+
+
+def load_baseline_request(args: argparse.Namespace):
+    """(tolerance, baseline profile or None), read before the model runs so a bad file fails fast."""
+    if args.tolerance is not None and not args.baseline:
+        raise UsageError("--tolerance applies to --baseline; give --baseline FILE as well")
+    if not args.baseline:
+        return None, None
+    from pytest_gradcheck.baseline import load_baseline, parse_tolerance
+    from pytest_gradcheck.errors import BaselineFileError
+
+    try:
+        tolerance = parse_tolerance(DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance)
+    except ValueError as error:
+        raise UsageError("--tolerance: " + str(error).removeprefix("gradcheck: ")) from None
+    try:
+        return tolerance, load_baseline(args.baseline)
+    except BaselineFileError as error:
+        raise UsageError(
+            f"--baseline: {error.path} {error.problem}; write a fresh one with --save-baseline {args.baseline}"
+        ) from None
+
+
+def print_comparison(args: argparse.Namespace, comparison) -> None:
+    """The baseline diff after the report; on stderr for JSON so stdout stays one document."""
+    from pytest_gradcheck.report import render_baseline_diff
+
+    lines = [f"baseline {args.baseline}: " + ("within tolerance" if comparison.passed else "REGRESSED")]
+    lines += [f"  {problem}" for problem in comparison.problems()]
+    lines.append(render_baseline_diff(comparison))
+    text = "\n".join(lines)
+    if args.format == "json":
+        print(text, file=sys.stderr)
+    elif args.format == "markdown":
+        print(f"\n```\n{text}\n```")
+    else:
+        print(f"\n{text}")
+
+
+def probe_target(args: argparse.Namespace, bounds, dtypes: list[str]):
+    """Load, place and probe the model; every failure on the way is a UsageError."""
+    import torch  # only now: --help and option errors stay fast
+
+    from pytest_gradcheck.checks import CheckResult
+    from pytest_gradcheck.errors import ProbeError
+    from pytest_gradcheck.health import assess
+    from pytest_gradcheck.inputs import random_inputs
+    from pytest_gradcheck.target import TargetError, load_model
+
+    device = place(args.device)
+    torch.manual_seed(args.seed)  # before loading: the model's initial weights depend on it
+    try:
+        model = load_model(args.target)
+    except TargetError as error:
+        raise UsageError(f"cannot load {args.target!r}: {error}") from None
+    try:
+        model = model.to(device)
+    except (RuntimeError, AssertionError) as error:
+        raise UsageError(f"cannot move {type(model).__name__} to device {args.device!r}: {error}") from None
+    inputs = random_inputs(model, args.input_shapes, dtypes, device) if args.input_shapes else None
+    try:
+        profile, findings = assess(model, inputs, bounds=bounds, seed=args.seed)
+    except ProbeError as error:
+        raise UsageError(f"cannot probe {args.target!r}: {error}") from None
+    return CheckResult(args.target, None, profile, bounds, findings)
+
+
+def place(device_name: str):
+    import torch
+
+    try:
+        device = torch.device(device_name)
+        torch.empty(0, device=device)  # a missing CUDA build or device fails here, not mid-probe
+    except (RuntimeError, AssertionError) as error:
+        raise UsageError(f"cannot use device {device_name!r}: {error}") from None
+    return device
+
+
+def render(fmt: str, result) -> str:
+    from pytest_gradcheck import report
+
+    if fmt == "markdown":
+        return report.render_markdown([result])
+    if fmt == "json":
+        return report.render_json([result]).rstrip("\n")
+    return report.render_table(result.profile, result.findings, title=result.title)

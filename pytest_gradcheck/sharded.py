@@ -1,0 +1,118 @@
+"""Gradient statistics of FSDP2 (``fully_shard``) models: local shards, all-reduced sums and maxima."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pytest_gradcheck.errors import ProbeError
+
+# Columns summed across ranks per parameter: |g| sum, g^2 sum, nonzero count, w^2 sum.
+_SUMMED = 4
+
+
+def is_fully_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` or a submodule was passed to ``fully_shard``; FSDP1 is refused."""
+    # A model can only be sharded if its user imported FSDP, so this costs nothing otherwise.
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    legacy = getattr(fsdp, "FullyShardedDataParallel", None)
+    if legacy is not None and any(isinstance(module, legacy) for module in model.modules()):
+        raise ProbeError(
+            f"{type(model).__name__} is wrapped in FullyShardedDataParallel (FSDP1), whose flat "
+            "parameters hide the layers; shard it with torch.distributed.fsdp.fully_shard (FSDP2) "
+            "or probe the unwrapped model"
+        )
+    # torch < 2.6 kept FSDP2 under torch.distributed._composable.fsdp.
+    homes = [fsdp, sys.modules.get("torch.distributed._composable.fsdp")]
+    sharded_types = tuple({home.FSDPModule for home in homes if hasattr(home, "FSDPModule")})
+    return bool(sharded_types) and any(isinstance(module, sharded_types) for module in model.modules())
+
+
+def gradients(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """The reduce-scattered gradient shards of ``params``; their ``.grad`` is restored afterwards.
+
+    FSDP2 reduce-scatters in its post-backward hooks, which ``torch.autograd.grad`` never
+    triggers, so this is the one place where the probe runs ``backward()``.
+    """
+    saved = [param.grad for param in params]
+    try:
+        for param in params:
+            param.grad = None
+        loss.backward()
+        return [param.grad for param in params]
+    finally:
+        for param, grad in zip(params, saved):
+            param.grad = grad
+
+
+def statistics(params, grads, embedding_rows: dict, loss: torch.Tensor):
+    """What ``probe._statistics`` returns, with sums and maxima all-reduced across the shards.
+
+    Every rank must call this: it runs two collectives. Parameters that FSDP leaves
+    unsharded hold unsynchronised local gradients, so only rank 0's numbers count for them.
+    """
+    group = _shard_group(grads)
+    device = loss.device
+    zero = torch.zeros((), device=device)
+    rank_zero = float(dist.get_rank(group) == 0)
+    sums, maxima, received = [], [], []
+    for param, grad in zip(params, grads):
+        if grad is None:
+            continue
+        local, weight, weight_share = _local(grad), _local(param.detach()), _share(param, rank_zero)
+        share = _share(grad, rank_zero)
+        local = local.reshape(-1).float()
+        weight = weight.reshape(-1).float()
+        sums += [local.abs().sum() * share, local.pow(2).sum() * share,
+                 torch.count_nonzero(local).float() * share, weight.pow(2).sum() * weight_share]
+        maxima.append(local.abs().amax() * share if local.numel() else zero)
+        received.append(param)
+    embedding_ids = list(embedding_rows)
+    summed = torch.stack([t.reshape(()).to(device) for t in sums] + [loss.detach().float().reshape(())])
+    maximal = torch.stack(maxima + [embedding_rows[key].float().reshape(()).to(device) for key in embedding_ids])
+    dist.all_reduce(summed, dist.ReduceOp.SUM, group=group)
+    dist.all_reduce(maximal, dist.ReduceOp.MAX, group=group)
+    summed_values, maximal_values = summed.tolist(), maximal.tolist()  # one host sync
+    by_param = {}
+    for index, param in enumerate(received):
+        l1, l2_squared, nonzero, weight_squared = summed_values[_SUMMED * index:_SUMMED * (index + 1)]
+        by_param[id(param)] = [l1, math.sqrt(l2_squared), maximal_values[index], nonzero, math.sqrt(weight_squared)]
+    per_param = [by_param.get(id(param)) for param in params]
+    rows = dict(zip(embedding_ids, maximal_values[len(received):]))
+    loss_value = summed_values[-1] / dist.get_world_size(group)
+    return per_param, rows, loss_value
+
+
+def _shard_group(grads):
+    """The one process group the gradients are sharded over (FSDP2 on a 1-D mesh)."""
+    from torch.distributed.tensor import DTensor
+
+    meshes = {grad.device_mesh for grad in grads if isinstance(grad, DTensor)}
+    if not meshes:  # only unsharded parameters received a gradient
+        return None
+    if len(meshes) != 1 or next(iter(meshes)).ndim != 1:
+        raise ProbeError(
+            f"gradient statistics of fully_shard models need every sharded parameter on one 1-D "
+            f"device mesh; found {len(meshes)} mesh(es) of dimensions "
+            f"{sorted(mesh.ndim for mesh in meshes)} (HSDP and tensor parallelism are not supported)"
+        )
+    return next(iter(meshes)).get_group()
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _share(tensor: torch.Tensor, rank_zero: float) -> float:
+    """1 for a shard (each rank holds its own part), rank_zero for a replicated tensor."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor) and all(placement.is_shard() for placement in tensor.placements):
+        return 1.0
+    return rank_zero

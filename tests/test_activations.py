@@ -1,0 +1,181 @@
+"""The instrumented forward pass: which activations it catches, where they sit, what it measures."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pytest_gradcheck.activations import measure
+from pytest_gradcheck.profile import ActivationProfile, GradientProfile
+from pytest_gradcheck.probe import probe
+
+# A Linear with zero weights: its output is its bias for every sample, whatever the input.
+DEAD_HALF = [-1.0, -2.0, 2.0, 3.0]  # two of four ReLU units are dead
+SATURATED_HALF = [-6.0, 6.0, 0.0, 0.0]  # two of four sigmoid inputs have |x| >= 5
+
+
+def fixed(bias):
+    layer = nn.Linear(4, 4)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.copy_(torch.tensor(bias))
+    return layer
+
+
+class Forms(nn.Module):
+    """The same two activations written every way a model can call them."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.pre_relu = fixed(DEAD_HALF)
+        self.pre_sigmoid = fixed(SATURATED_HALF)
+        self.head = nn.Linear(4, 1)
+        self.form = form
+        self.relu_module = nn.ReLU(inplace=form == "inplace")
+
+    def forward(self, x):
+        a = self.pre_relu(x)
+        if self.form == "functional":
+            a = F.relu(a)
+        elif self.form == "torch":
+            a = torch.relu(a)
+        elif self.form == "method":
+            a = a.relu()
+        elif self.form == "inplace":
+            a = F.relu(a, inplace=True)
+        else:
+            a = self.relu_module(a)
+        s = self.pre_sigmoid(x + a.sum(dim=1, keepdim=True))
+        s = s.sigmoid_() if self.form == "inplace" else torch.sigmoid(s)
+        return self.head(s)
+
+
+@pytest.mark.parametrize(
+    "form, relu_call",
+    [
+        ("functional", "F.relu"),
+        ("torch", "torch.relu"),
+        ("method", "Tensor.relu"),
+        ("inplace", "F.relu"),
+        ("module", "nn.ReLU 'relu_module'"),
+    ],
+)
+def test_every_calling_form_is_caught_with_its_place(form, relu_call):
+    sites = measure(Forms(form), torch.randn(8, 4)).sites
+    relu = next(site for site in sites if site.function == "relu")
+    sigmoid = next(site for site in sites if site.function == "sigmoid")
+    assert (relu.call, relu.after, relu.calls) == (relu_call, "pre_relu", 1)
+    assert relu.dead_share == 0.5  # measured on the input, even when the call overwrites it
+    assert sigmoid.after == "pre_sigmoid"
+    assert sigmoid.saturated_share == 0.5
+    expected = (2 * 0.25 + 2 * torch.sigmoid(torch.tensor(6.0)).item() * torch.sigmoid(torch.tensor(-6.0)).item()) / 4
+    assert sigmoid.mean_derivative == pytest.approx(expected, rel=1e-5)
+    assert sigmoid.derivative_bound == 0.25
+    assert len(sites) == 2  # nn.ReLU's own F.relu is not counted a second time
+
+
+def test_smooth_rectifiers_are_caught_without_a_dead_share():
+    model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 4), nn.SiLU(), nn.Linear(4, 1))
+    sites = measure(model, torch.randn(8, 4)).sites
+    assert [(site.function, site.after) for site in sites] == [("gelu", "0"), ("silu", "2")]
+    assert all(site.dead_share is None and site.output_std > 0 for site in sites)
+
+
+def test_a_loop_pools_into_one_site_and_counts_depth():
+    class Unrolled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(8, 8)
+            self.cell = nn.RNNCell(8, 8)
+            self.out = nn.Linear(8, 1)
+
+        def forward(self, x):
+            h = self.enc(x)
+            for _ in range(7):
+                h = self.cell(torch.zeros_like(h), h)
+            return self.out(h)
+
+    data = measure(Unrolled(), torch.randn(4, 8))
+    (site,) = data.sites
+    assert (site.function, site.call, site.after, site.calls) == ("tanh", "torch.rnn_tanh_cell", "cell", 7)
+    assert 0 < site.mean_derivative <= 1
+    assert data.repeated == {"cell": 7}
+    assert data.shortest_chain == data.longest_chain == 9  # enc, 7 cell steps, out
+
+
+def test_residual_connections_shorten_the_shortest_path():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(5))
+
+        def forward(self, x, mask):
+            for block in self.blocks:
+                x = x + F.relu(block(x))
+            return x * mask  # a mask carries no gradient: it must not shorten the path
+
+    data = measure(Residual(), (torch.randn(4, 8), torch.ones(4, 8)))
+    assert (data.shortest_chain, data.longest_chain) == (1, 5)
+
+
+def test_transformer_has_normalisation_and_residuals():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    data = measure(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), torch.randn(2, 5, 16))
+    assert len(data.normalisation) == 4
+    assert data.shortest_chain < data.longest_chain
+
+
+def test_init_scale_against_the_references():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 1))
+    nn.init.normal_(model[0].weight, std=0.05)
+    scales = measure(model, torch.randn(8, 64)).init_scales
+    first, last = scales
+    assert (first.layer, first.fan_in, first.fan_out, first.activation) == ("0", 64, 32, "tanh")
+    assert first.gain == pytest.approx(5 / 3)
+    assert first.kaiming_std == pytest.approx(5 / 3 / 8)
+    assert first.xavier_std == pytest.approx(5 / 3 * math.sqrt(2 / 96))
+    assert first.std == pytest.approx(0.05, rel=0.1)
+    # The nearer reference on a log scale: Kaiming (0.208) for a small std, Xavier (0.241) for a large one.
+    assert first.reference_std == first.kaiming_std
+    assert first.factor == pytest.approx(first.std / first.kaiming_std)
+    assert (last.activation, last.gain) == ("linear", 1.0)
+    nn.init.normal_(model[0].weight, std=0.5)
+    (large, _) = measure(model, torch.randn(8, 64)).init_scales
+    assert large.reference_std == large.xavier_std
+
+
+def test_measure_leaves_the_model_and_rng_as_they_were():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.ReLU(), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    measure(model)
+    assert not model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_profile_with_activations_round_trips_through_json():
+    torch.manual_seed(0)
+    model = Forms("functional")
+    profile = probe(model, torch.randn(8, 4))
+    profile.activations = measure(model, torch.randn(8, 4))
+    again = GradientProfile.from_dict(json.loads(json.dumps(profile.to_dict())))
+    assert again == profile
+    assert isinstance(again.activations, ActivationProfile)
+    assert again.activations.sites[0].where == "after pre_relu"
+
+
+def test_an_older_profile_dict_without_activations_still_loads():
+    torch.manual_seed(0)
+    data = probe(Forms("functional"), torch.randn(8, 4)).to_dict()
+    del data["activations"]
+    assert GradientProfile.from_dict(data).activations is None

@@ -1,0 +1,658 @@
+"""Tests of the probe engine: order, sharing, inputs, loss, statistics, isolation and errors."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import pathlib
+import sys
+from unittest import mock
+
+import pytest
+import torch
+from torch import nn
+
+from pytest_gradcheck import GradientProfile, ProbeError, probe
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+
+from seed_networks import ReLUNet, SigmoidNet, SmallInitNet  # noqa: E402
+
+
+def mlp(*widths: int, activation=nn.ReLU) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for width_in, width_out in zip(widths, widths[1:]):
+        layers += [nn.Linear(width_in, width_out), activation()]
+    return nn.Sequential(*layers[:-1])
+
+
+class RegisteredBackwards(nn.Module):
+    """Registers its layers in the reverse of the order forward() runs them."""
+
+    def __init__(self):
+        super().__init__()
+        self.third = nn.Linear(4, 2)
+        self.second = nn.Linear(6, 4)
+        self.first = nn.Linear(8, 6)
+
+    def forward(self, x):
+        return self.third(torch.relu(self.second(torch.relu(self.first(x)))))
+
+
+class TiedLM(nn.Module):
+    """A language model whose output head reuses the embedding matrix."""
+
+    def __init__(self, vocab: int = 50, width: int = 8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.mid = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mid(self.emb(ids))))
+
+
+# ---------------------------------------------------------------- order and sharing
+
+
+def test_layers_follow_execution_order_not_registration_order():
+    model = RegisteredBackwards()
+    assert [name for name, _ in model.named_children()] == ["third", "second", "first"]
+
+    profile = probe(model, torch.randn(4, 8))
+
+    assert [layer.name for layer in profile.layers] == ["first", "second", "third"]
+    assert (profile.first.name, profile.last.name) == ("first", "third")
+
+
+def test_tied_weights_count_once_under_the_first_executor():
+    torch.manual_seed(0)
+    model = TiedLM()
+
+    profile = probe(model, torch.randint(0, 50, (4, 6)))
+
+    emb, head = profile.layer("emb"), profile.layer("head")
+    assert emb.shared_with == ["head"]
+    assert emb.numel == 50 * 8
+    assert head.numel == 50  # only its own bias; the tied matrix is counted under emb
+    assert sum(layer.numel for layer in profile.layers) == sum(p.numel() for p in model.parameters())
+    # Without its matrix the head is bias-only, so it cannot be the last pick.
+    assert not head.has_matrix
+    assert profile.last.name == "mid"
+
+
+def test_unwrap_strips_data_parallel():
+    torch.manual_seed(0)
+    model = mlp(8, 8, 4)
+
+    inputs = torch.randn(2, 8)
+
+    wrapped = probe(nn.DataParallel(model), inputs)
+
+    assert [layer.name for layer in wrapped.layers] == ["0", "2"]
+    assert wrapped == probe(model, inputs)
+
+
+# ---------------------------------------------------------------- input forms
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.left = nn.Linear(3, 4)
+        self.right = nn.Linear(5, 4)
+
+    def forward(self, x, y, scale=1.0):
+        return self.left(x) * self.right(y) * scale
+
+
+def test_dict_inputs_are_keyword_arguments():
+    model = TwoInputs()
+
+    profile = probe(model, {"x": torch.randn(2, 3), "y": torch.randn(2, 5), "scale": 2.0})
+
+    assert profile.input_shapes == ["x=float32[2, 3]", "y=float32[2, 5]", "scale=float"]
+    assert [layer.name for layer in profile.layers] == ["left", "right"]
+
+
+@pytest.mark.parametrize("container", [tuple, list])
+def test_tuple_and_list_inputs_are_positional(container):
+    profile = probe(TwoInputs(), container([torch.randn(2, 3), torch.randn(2, 5)]))
+
+    assert profile.input_shapes == ["float32[2, 3]", "float32[2, 5]"]
+
+
+def test_callable_inputs_are_called_under_the_probe_seed():
+    model = TwoInputs()
+    calls = []
+
+    def make_inputs():
+        calls.append(1)
+        return {"x": torch.randn(2, 3), "y": torch.randn(2, 5)}
+
+    first = probe(model, make_inputs, seed=3)
+    again = probe(model, make_inputs, seed=3)
+    other = probe(model, make_inputs, seed=4)
+
+    assert len(calls) == 3
+    assert first == again  # the random inputs repeat exactly under the same seed
+    assert first.layers != other.layers
+
+
+def test_inputs_of_an_unsupported_type_are_rejected():
+    with pytest.raises(ProbeError, match="inputs must be a tensor.*got int"):
+        probe(mlp(4, 4), 3)
+
+
+# ---------------------------------------------------------------- inferred inputs
+
+
+@pytest.mark.parametrize(
+    ("first", "shape", "features"),
+    [
+        (nn.Linear(12, 4), "float32[8, 12]", 4),
+        (nn.Conv1d(3, 2, 3), "float32[8, 3, 32]", 2 * 30),
+        (nn.Conv2d(3, 2, 3), "float32[8, 3, 32, 32]", 2 * 30 * 30),
+        (nn.Conv3d(1, 1, 3), "float32[8, 1, 32, 32, 32]", 30 * 30 * 30),
+        (nn.Embedding(100, 4), "int64[8, 16]", 16 * 4),
+    ],
+    ids=["Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding"],
+)
+def test_inputs_are_inferred_from_the_first_module(first, shape, features):
+    model = nn.Sequential(first, nn.Flatten(1), nn.Linear(features, 2))
+
+    profile = probe(model)
+
+    assert profile.input_shapes == [shape]
+    assert [layer.name for layer in profile.layers] == ["0", "2"]
+    assert all(layer.received_grad for layer in profile.layers)
+
+
+def test_inference_follows_the_model_dtype():
+    profile = probe(nn.Linear(6, 2).double())
+
+    assert profile.input_shapes == ["float64[8, 6]"]
+    assert profile.dtype == "float64"
+
+
+def test_inference_error_names_the_module_that_stopped_it():
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(4, 4)
+            self.out = nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.out(self.rnn(x)[0])
+
+    with pytest.raises(ValueError, match=r"Recurrent.*GRU 'rnn'.*inputs=") as info:
+        probe(Recurrent())
+    assert isinstance(info.value, ProbeError)
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def hand_statistics(model: nn.Module, inputs: torch.Tensor) -> dict[str, dict[str, float]]:
+    """The profile numbers of every Linear, computed the plain way with .backward()."""
+    model = copy.deepcopy(model).train()
+    model(inputs).sum().backward()
+    numbers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            weight, bias = module.weight, module.bias
+            numbers[name] = {
+                "grad_mean_abs": weight.grad.abs().mean().item(),
+                "grad_max_abs": max(weight.grad.abs().max().item(), bias.grad.abs().max().item()),
+                "grad_norm": math.hypot(weight.grad.norm().item(), bias.grad.norm().item()),
+                "weight_norm": math.hypot(weight.norm().item(), bias.norm().item()),
+                "zero_fraction": (
+                    ((weight.grad == 0).sum() + (bias.grad == 0).sum()) / (weight.numel() + bias.numel())
+                ).item(),
+            }
+    return numbers
+
+
+def test_numbers_match_a_hand_computation():
+    torch.manual_seed(0)
+    model = mlp(16, 32, 32, 4)
+    inputs = torch.randn(2, 16)  # a small batch leaves whole ReLU columns at zero
+
+    profile = probe(model, inputs)
+    expected = hand_statistics(model, inputs)
+
+    assert [layer.name for layer in profile.layers] == list(expected)
+    for layer in profile.layers:
+        for field, value in expected[layer.name].items():
+            assert getattr(layer, field) == pytest.approx(value, rel=1e-5, abs=1e-12), (layer.name, field)
+    assert any(layer.zero_fraction > 0 for layer in profile.layers)
+    assert profile.loss == pytest.approx(model(inputs).sum().item(), rel=1e-6)
+    assert profile.ratio == pytest.approx(expected["0"]["grad_mean_abs"] / expected["4"]["grad_mean_abs"], rel=1e-5)
+
+
+def test_bias_only_layers_use_their_one_dimensional_parameters():
+    norm = nn.LayerNorm(4)
+    inputs = torch.randn(3, 4)
+    profile = probe(nn.Sequential(nn.Linear(4, 4), norm, nn.Linear(4, 4)), inputs)
+
+    stats = profile.layer("1")
+    assert not stats.has_matrix and stats.is_norm
+    assert stats.grad_mean_abs > 0
+    assert stats.numel == 8
+
+
+def test_embedding_mean_counts_only_the_rows_the_batch_used():
+    torch.manual_seed(0)
+    vocab, width = 100_000, 16
+    model = nn.Sequential(nn.Embedding(vocab, width), nn.Linear(width, width))
+    ids = torch.randint(0, vocab, (8, 16))
+
+    profile = probe(model, ids)
+
+    reference = copy.deepcopy(model)
+    reference(ids).sum().backward()
+    grad = reference[0].weight.grad
+    rows = ids.unique().numel()
+    emb = profile.layer("0")
+    assert emb.grad_mean_abs == pytest.approx(grad.abs().sum().item() / (rows * width), rel=1e-5)
+    # Averaged over the whole table the same gradient would look ~800x smaller.
+    assert emb.grad_mean_abs > 100 * grad.abs().mean().item()
+    assert emb.zero_fraction == pytest.approx(0.0)
+
+
+def test_dead_layer_has_only_zero_gradients():
+    model = mlp(4, 4, 4, 4)
+    with torch.no_grad():
+        model[2].weight.zero_()
+        model[2].bias.fill_(-1.0)  # the ReLU after it is off for every input
+
+    profile = probe(model, torch.randn(3, 4))
+
+    # Nothing flows back through the switched-off ReLU, into either layer before it.
+    for name in ("0", "2"):
+        assert profile.layer(name).zero_fraction == 1.0
+        assert profile.layer(name).dead
+    assert profile.layer("4").grad_max_abs > 0  # its bias still learns
+    dead = [finding for finding in profile.check() if finding.rule == "dead"]
+    assert dead[0].layers[:2] == ["0", "2"] and dead[0].failing
+
+
+def test_nonfinite_gradients_are_flagged():
+    model = mlp(4, 4, 4)
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+
+    profile = probe(model, torch.randn(2, 4))
+
+    # relu(NaN) is NaN, so the NaN reaches the next layer's weight gradient.
+    assert not profile.layer("2").finite
+    assert math.isnan(profile.ratio)
+    assert [f.layers for f in profile.check() if f.rule == "nonfinite"] == [["2"]]
+
+
+# ---------------------------------------------------------------- first and last picks
+
+
+class WithPooler(nn.Module):
+    """Norm and bias-only modules, and a pooler whose output the loss ignores."""
+
+    def __init__(self):
+        super().__init__()
+        self.shift = nn.Module()
+        self.shift.bias = nn.Parameter(torch.zeros(4))
+        self.norm_in = nn.LayerNorm(4)
+        self.fc1 = nn.Linear(4, 4)
+        self.fc2 = nn.Linear(4, 4)
+        self.norm_out = nn.LayerNorm(4)
+        self.pooler = nn.Linear(4, 4)
+
+    def forward(self, x):
+        hidden = self.norm_out(self.fc2(torch.relu(self.fc1(self.norm_in(x + self.shift.bias)))))
+        return {"hidden": hidden, "pooled": self.pooler(hidden.mean(0))}
+
+
+def test_picks_skip_norms_bias_only_and_layers_without_gradient():
+    profile = probe(WithPooler(), torch.randn(3, 4), loss_fn=lambda out: out["hidden"].pow(2).sum())
+
+    assert (profile.first.name, profile.last.name) == ("fc1", "fc2")
+    pooler = profile.layer("pooler")
+    assert pooler.executed and not pooler.received_grad
+    assert pooler.unused_parameters == ["pooler.weight", "pooler.bias"]
+    assert profile.layer("shift").received_grad and not profile.layer("shift").has_matrix
+    assert profile.layer("norm_in").is_norm and profile.layer("norm_out").is_norm
+    unused = [finding for finding in profile.check() if finding.rule == "unused"]
+    assert len(unused) == 1 and unused[0].layers == ["pooler"] and not unused[0].failing
+    assert [f.rule for f in profile.check(fail_on_unused=True) if f.failing] == ["unused"]
+
+
+def test_a_single_pickable_layer_gives_no_ratio():
+    profile = probe(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), torch.randn(2, 4))
+
+    assert profile.first is profile.last
+    assert profile.ratio is None
+
+
+# ---------------------------------------------------------------- the loss
+
+
+@dataclasses.dataclass
+class Output:
+    logits: torch.Tensor
+    hidden: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+class Branches(nn.Module):
+    """Two branches; ``kind`` chooses the shape of what forward() returns."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.a = nn.Linear(4, 3)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        if self.kind == "tuple":
+            return a, (b, x.argmax(1))
+        if self.kind == "dict":
+            return {"a": a, "b": b, "count": torch.tensor(3)}
+        if self.kind == "dict-loss":
+            return {"a": a, "loss": b.pow(2).mean()}
+        if self.kind == "dataclass":
+            return Output(a, b)
+        if self.kind == "dataclass-loss":
+            return Output(a, b, loss=(a * b).mean())
+        if self.kind == "integers":
+            return (a + b).argmax(1)
+        raise AssertionError(self.kind)
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict", "dataclass"])
+def test_loss_sums_every_floating_tensor_of_the_output(kind):
+    torch.manual_seed(0)
+    model, inputs = Branches(kind), torch.randn(5, 4)
+
+    profile = probe(model, inputs)
+
+    assert profile.loss == pytest.approx((model.a(inputs).sum() + model.b(inputs).sum()).item(), rel=1e-5)
+    assert all(layer.received_grad for layer in profile.layers)
+
+
+@pytest.mark.parametrize(
+    ("kind", "loss_of"),
+    [
+        ("dict-loss", lambda a, b: b.pow(2).mean()),
+        ("dataclass-loss", lambda a, b: (a * b).mean()),
+    ],
+)
+def test_a_loss_entry_is_used_when_present(kind, loss_of):
+    torch.manual_seed(0)
+    model, inputs = Branches(kind), torch.randn(5, 4)
+
+    profile = probe(model, inputs)
+
+    assert profile.loss == pytest.approx(loss_of(model.a(inputs), model.b(inputs)).item(), rel=1e-5)
+    if kind == "dict-loss":
+        assert not profile.layer("a").received_grad  # "a" is in the output but not in the loss
+
+
+def test_loss_fn_overrides_the_default():
+    torch.manual_seed(0)
+    model, inputs = Branches("dict"), torch.randn(5, 4)
+
+    profile = probe(model, inputs, loss_fn=lambda out: out["b"].pow(2).sum())
+
+    assert profile.loss == pytest.approx(model.b(inputs).pow(2).sum().item(), rel=1e-5)
+    assert not profile.layer("a").received_grad
+
+
+def test_loss_fn_must_return_a_scalar():
+    with pytest.raises(ProbeError, match=r"loss_fn must return a scalar.*Branches.*shape \[5, 3\]"):
+        probe(Branches("dict"), torch.randn(5, 4), loss_fn=lambda out: out["a"])
+
+
+def test_output_without_a_floating_tensor_is_a_clear_error():
+    with pytest.raises(ProbeError, match=r"Branches returned a int64 tensor.*no floating-point tensor.*loss_fn="):
+        probe(Branches("integers"), torch.randn(5, 4))
+
+
+# ---------------------------------------------------------------- no side effects
+
+
+class Everything(nn.Module):
+    """BatchNorm, dropout, a frozen layer and an eval-mode submodule in one model."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.drop = nn.Dropout(0.5)
+        self.frozen = nn.Linear(8, 8)
+        self.frozen.requires_grad_(False)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x, fail=False):
+        hidden = self.drop(self.bn(self.fc1(x)))
+        if fail:  # after BatchNorm has updated its stats and dropout has drawn random numbers
+            raise RuntimeError("late failure")
+        return self.fc2(self.frozen(hidden))
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {
+        "state": {key: value.clone() for key, value in model.state_dict().items()},
+        "grads": {name: (p.grad, None if p.grad is None else p.grad.clone()) for name, p in model.named_parameters()},
+        "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
+        "training": {name: m.training for name, m in model.named_modules()},
+        "hooks": {
+            name: (dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks))
+            for name, m in model.named_modules()
+        },
+        "rng": torch.get_rng_state(),
+    }
+
+
+def assert_untouched(model: nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert after["state"].keys() == before["state"].keys()
+    for key, value in before["state"].items():
+        assert torch.equal(after["state"][key], value), key
+    for name, (tensor, values) in before["grads"].items():
+        now = dict(model.named_parameters())[name].grad
+        assert now is tensor, name  # the very same tensor object, not a copy
+        if values is not None:
+            assert torch.equal(now, values), name
+    assert after["requires_grad"] == before["requires_grad"]
+    assert after["training"] == before["training"]
+    assert after["hooks"] == before["hooks"]
+    assert torch.equal(after["rng"], before["rng"])
+
+
+def prepared_model() -> Everything:
+    torch.manual_seed(0)
+    model = Everything()
+    model(torch.randn(4, 6))  # running stats move away from their initial values
+    model.fc1.weight.grad = torch.full_like(model.fc1.weight, 7.0)  # as if mid-training
+    model.eval()
+    model.drop.train()  # mixed modes must come back as they were
+    model.fc2.register_forward_hook(lambda module, args, output: None)
+    model.register_forward_pre_hook(lambda module, args: None)
+    return model
+
+
+def test_probe_leaves_the_model_and_rng_untouched():
+    model = prepared_model()
+    inputs = torch.randn(4, 6)
+    before = snapshot(model)
+    batches = model.bn.num_batches_tracked.item()
+
+    profile = probe(model, inputs)
+
+    assert_untouched(model, before)
+    assert model.bn.num_batches_tracked.item() == batches
+    assert "frozen" not in [layer.name for layer in profile.layers]
+    assert model.fc1.weight.grad.eq(7.0).all()
+
+
+def test_probe_leaves_everything_untouched_when_it_raises():
+    model = prepared_model()
+    fitting = torch.randn(4, 6)
+    before = snapshot(model)
+
+    def failing_loss(output):
+        raise RuntimeError("the loss broke after the forward pass updated BatchNorm")
+
+    with pytest.raises(RuntimeError, match="the loss broke"):
+        probe(model, fitting, loss_fn=failing_loss)
+    assert_untouched(model, before)
+
+    with pytest.raises(ProbeError, match="Everything.forward failed.*RuntimeError: late failure"):
+        probe(model, (fitting, True))
+    assert_untouched(model, before)
+
+
+def test_probe_runs_in_training_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Dropout(0.5), nn.Linear(32, 4)).eval()
+    profile = probe(model, torch.ones(1, 32))
+
+    # With dropout active about half of the first layer's weight gradients are zero.
+    assert 0.2 < profile.layer("0").zero_fraction < 0.8
+    assert not model.training
+
+
+# ---------------------------------------------------------------- determinism
+
+
+def test_same_model_and_seed_give_identical_profiles():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 4))
+
+    first = probe(model, seed=5)
+    torch.rand(10)  # the caller's RNG state must not matter
+    second = probe(model, seed=5)
+    third = probe(model, seed=6)
+
+    assert isinstance(first, GradientProfile)
+    assert first == second
+    assert first.layers != third.layers
+
+
+# ---------------------------------------------------------------- host syncs
+
+
+def test_one_host_sync_for_a_deep_model():
+    torch.manual_seed(0)
+    model = mlp(*[16] * 51)
+    counts: dict[str, int] = {}
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    names = ["item", "tolist", "cpu", "numpy", "__float__", "__bool__"]
+    with mock.patch.multiple(torch.Tensor, **{name: counting(name) for name in names}):
+        profile = probe(model)
+
+    assert len(profile.layers) == 50
+    assert sum(counts.values()) <= 1, counts
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_not_a_module_is_rejected():
+    with pytest.raises(ProbeError, match="needs a torch.nn.Module, got function"):
+        probe(lambda x: x)
+
+
+@pytest.mark.parametrize("model", [nn.ReLU(), nn.Linear(3, 3).requires_grad_(False)], ids=["no-params", "frozen"])
+def test_model_without_trainable_parameters_is_rejected(model):
+    with pytest.raises(ProbeError, match=f"{type(model).__name__} has no trainable parameters"):
+        probe(model, torch.randn(2, 3))
+
+
+def test_inputs_that_do_not_fit_name_the_model_and_the_shapes():
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(10, 2)
+
+        def forward(self, x, mask):
+            return self.fc(x) * mask
+
+    with pytest.raises(ProbeError) as info:
+        probe(Classifier(), (torch.randn(4, 7),), loss_fn=None)
+    message = str(info.value)
+    assert "Classifier.forward failed" in message
+    assert "float32[4, 7]" in message
+    assert "inputs=" in message
+
+    with pytest.raises(ProbeError, match=r"Classifier.*float32\[4, 7\], mask=bool\[4, 1\].*mat1 and mat2"):
+        probe(Classifier(), {"x": torch.randn(4, 7), "mask": torch.ones(4, 1, dtype=torch.bool)})
+
+
+def test_loss_without_trainable_inputs_is_a_clear_error():
+    class Detached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.fc(x).detach()
+
+    with pytest.raises(ProbeError, match="loss of Detached does not depend on any trainable parameter"):
+        probe(Detached(), torch.randn(2, 3))
+
+
+# ---------------------------------------------------------------- the seed notebook
+
+
+@pytest.mark.parametrize("weights_seed", [0, 1, 2])
+def test_seed_networks_reproduce_the_notebook(weights_seed):
+    ratios = {}
+    for network in (SigmoidNet, SmallInitNet, ReLUNet):
+        torch.manual_seed(weights_seed)
+        ratios[network.__name__] = probe(network()).ratio
+
+    assert ratios["SigmoidNet"] < 0.02, ratios
+    assert ratios["SmallInitNet"] < 0.02, ratios
+    assert 0.2 < ratios["ReLUNet"] < 5.0, ratios
+
+
+def test_public_probe_stays_callable_once_the_engine_module_is_imported():
+    import pytest_gradcheck
+    import pytest_gradcheck.probe  # noqa: F401  (the fixture imports it on first use)
+
+    profile = pytest_gradcheck.probe(nn.Linear(3, 2), torch.randn(2, 3), seed=1)
+
+    assert isinstance(profile, GradientProfile)
+    assert profile.model == "Linear"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_model_matches_cpu_and_leaves_both_rngs_untouched():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 4))
+    inputs = torch.randn(4, 16)
+    on_cpu = probe(model, inputs)
+    gpu_model, gpu_inputs = copy.deepcopy(model).cuda(), inputs.cuda()
+    cpu_rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state()
+
+    on_gpu = probe(gpu_model, gpu_inputs, loss_fn=lambda out: out.sum())
+
+    assert torch.equal(torch.get_rng_state(), cpu_rng)
+    assert torch.equal(torch.cuda.get_rng_state(), cuda_rng)
+    assert on_gpu.device.startswith("cuda")
+    assert on_gpu == probe(gpu_model, gpu_inputs)  # deterministic on the device too
+    # Dropout masks differ between the CPU and CUDA generators; the weight norms do not.
+    for cpu_layer, gpu_layer in zip(on_cpu.layers, on_gpu.layers):
+        assert gpu_layer.weight_norm == pytest.approx(cpu_layer.weight_norm, rel=1e-5)

@@ -1,0 +1,279 @@
+"""The probe on the models people actually test: Hugging Face, attention, RNNs, BatchNorm, compile, bf16."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from model_state import assert_untouched, snapshot, trainable_numel
+from torch import nn
+
+from pytest_gradcheck import Bounds, probe
+from pytest_gradcheck.checks import check
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 1000
+
+
+def token_batch(batch: int = 2, length: int = 16) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+def probe_untouched(model: nn.Module, inputs=None, **kwargs):
+    """Probe ``model`` and assert that the probe left it exactly as it was."""
+    before = snapshot(model)
+    profile = probe(model, inputs, **kwargs)
+    assert_untouched(model, before)
+    return profile
+
+
+def assert_counted_once(profile, model: nn.Module) -> None:
+    """Every trainable element is reported by exactly one layer, tied ones included."""
+    assert sum(layer.numel for layer in profile.layers) == trainable_numel(model)
+    assert len({layer.name for layer in profile.layers}) == len(profile.layers)
+
+
+# Hugging Face transformers, built offline from small configs (no downloads).
+
+
+def tiny_gpt2(n_layer: int = 2) -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=n_layer, n_embd=64, n_head=2, vocab_size=VOCAB, n_positions=64,
+        bos_token_id=0, eos_token_id=0,
+        # No dropout, so the probe's loss can be compared with a plain forward pass.
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def tiny_bert_config() -> transformers.BertConfig:
+    return transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=128, max_position_embeddings=64,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+
+
+def test_gpt2_tied_embeddings_count_once_under_wte():
+    model = tiny_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight  # the config ties them
+    ids = token_batch()
+    profile = probe_untouched(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+
+    block = ["ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"]
+    expected = ["transformer.wte", "transformer.wpe"]
+    expected += [f"transformer.h.{i}.{part}" for i in range(2) for part in block]
+    assert [layer.name for layer in profile.layers] == expected + ["transformer.ln_f"]
+    assert profile.layer("transformer.wte").shared_with == ["lm_head"]
+    assert_counted_once(profile, model)
+    assert (profile.first.name, profile.last.name) == ("transformer.wte", "transformer.h.1.mlp.c_proj")
+    assert all(layer.received_grad and layer.finite for layer in profile.layers)
+    assert profile.input_shapes == ["input_ids=int64[2, 16]", "attention_mask=int64[2, 16]", "labels=int64[2, 16]"]
+
+
+def test_gpt2_loss_from_model_output_when_labels_are_given():
+    model = tiny_gpt2()
+    ids = token_batch()
+    profile = probe_untouched(model, {"input_ids": ids, "labels": ids})
+    with torch.no_grad():
+        expected = model(input_ids=ids, labels=ids).loss.item()
+    # The ModelOutput's own cross-entropy, not a sum over its logits.
+    assert profile.loss == pytest.approx(expected, rel=1e-5)
+    assert 0.0 < profile.loss < 2 * torch.log(torch.tensor(float(VOCAB))).item()
+
+
+def test_bert_masked_lm_ties_the_decoder_to_word_embeddings():
+    model = transformers.BertForMaskedLM(tiny_bert_config())
+    ids = token_batch()
+    profile = probe_untouched(model, {"input_ids": ids, "labels": ids})
+
+    embeddings = profile.layer("bert.embeddings.word_embeddings")
+    assert embeddings.shared_with == ["cls.predictions.decoder"]
+    assert "cls.predictions.decoder" not in [layer.name for layer in profile.layers]
+    assert_counted_once(profile, model)
+    assert (profile.first.name, profile.last.name) == (
+        "bert.embeddings.word_embeddings",
+        "cls.predictions.transform.dense",
+    )
+    with torch.no_grad():
+        assert profile.loss == pytest.approx(model(input_ids=ids, labels=ids).loss.item(), rel=1e-5)
+
+
+def test_bert_pooler_outside_the_loss_is_reported_unused():
+    model = transformers.BertModel(tiny_bert_config())  # with its pooler
+    ids = token_batch()
+    profile = probe_untouched(
+        model, {"input_ids": ids}, loss_fn=lambda output: output.last_hidden_state.pow(2).mean()
+    )
+
+    pooler = profile.layer("pooler.dense")
+    assert pooler.executed and not pooler.received_grad
+    assert pooler.unused_parameters == ["pooler.dense.weight", "pooler.dense.bias"]
+    assert [layer.name for layer in profile.layers if not layer.received_grad] == ["pooler.dense"]
+    assert (profile.first.name, profile.last.name) == (
+        "embeddings.word_embeddings",
+        "encoder.layer.1.output.dense",
+    )
+    assert_counted_once(profile, model)
+    findings = check(profile, Bounds(fail_on_unused=True))
+    unused = [finding for finding in findings if finding.rule == "unused"]
+    assert len(unused) == 1 and unused[0].failing and unused[0].layers == ["pooler.dense"]
+
+
+# torch.nn building blocks.
+
+
+@pytest.mark.parametrize(
+    "norm_first, block",
+    [
+        (False, ["self_attn", "self_attn.out_proj", "norm1", "linear1", "linear2", "norm2"]),
+        (True, ["norm1", "self_attn", "self_attn.out_proj", "norm2", "linear1", "linear2"]),
+    ],
+    ids=["post-norm", "pre-norm"],
+)
+def test_transformer_encoder_layers_in_execution_order(norm_first, block):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(
+        d_model=32, nhead=2, dim_feedforward=64, batch_first=True, norm_first=norm_first
+    )
+    final_norm = nn.LayerNorm(32) if norm_first else None  # pre-norm stacks end with one
+    model = nn.TransformerEncoder(layer, num_layers=2, norm=final_norm, enable_nested_tensor=False)
+    profile = probe_untouched(model, torch.randn(4, 10, 32))
+
+    expected = [f"layers.{i}.{part}" for i in range(2) for part in block]
+    assert [layer.name for layer in profile.layers] == expected + (["norm"] if norm_first else [])
+    # MultiheadAttention uses out_proj's weight directly instead of calling the module, so
+    # out_proj is placed right after its parent and still gets its gradient.
+    out_proj = profile.layer("layers.0.self_attn.out_proj")
+    assert out_proj.received_grad and out_proj.grad_mean_abs > 0
+    assert profile.layer("layers.0.self_attn").numel == 3 * 32 * 32 + 3 * 32  # in_proj weight + bias
+    assert (profile.first.name, profile.last.name) == ("layers.0.self_attn", "layers.1.linear2")
+    assert_counted_once(profile, model)
+
+
+class SequenceClassifier(nn.Module):
+    """Embedding, a two-layer recurrent net, and a head on the last time step."""
+
+    def __init__(self, rnn_type):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.rnn = rnn_type(16, 32, num_layers=2, batch_first=True)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, ids):
+        hidden, _ = self.rnn(self.embed(ids))
+        return self.head(hidden[:, -1])
+
+
+@pytest.mark.parametrize("rnn_type", [nn.LSTM, nn.GRU], ids=["LSTM", "GRU"])
+def test_recurrent_net_over_a_long_sequence(rnn_type):
+    torch.manual_seed(0)
+    model = SequenceClassifier(rnn_type)
+    ids = torch.randint(0, 50, (4, 256))
+    profile = probe_untouched(model, ids)
+
+    assert [(layer.name, layer.kind) for layer in profile.layers] == [
+        ("embed", "Embedding"),
+        ("rnn", rnn_type.__name__),
+        ("head", "Linear"),
+    ]
+    # One layer for the whole stack: the module owns weight_ih_l0 ... bias_hh_l1.
+    assert profile.layer("rnn").numel == sum(p.numel() for p in model.rnn.parameters())
+    assert (profile.first.name, profile.last.name) == ("embed", "head")
+    assert all(layer.finite and layer.grad_mean_abs > 0 for layer in profile.layers)
+    assert profile.ratio is not None and 0 < profile.ratio < float("inf")
+    assert_counted_once(profile, model)
+
+
+def test_conv_net_with_batchnorm_keeps_running_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    )
+    with torch.no_grad():  # running statistics that a probe in train mode would move
+        model(torch.randn(16, 3, 16, 16) * 3 + 1)
+    model.eval()
+    running_mean = model[1].running_mean.clone()
+    profile = probe_untouched(model, torch.randn(4, 3, 16, 16))  # state dict holds the running stats
+
+    assert [layer.name for layer in profile.layers] == ["0", "1", "3", "4", "8"]
+    assert [layer.is_norm for layer in profile.layers] == [False, True, False, True, False]
+    assert (profile.first.name, profile.last.name) == ("0", "8")
+    assert not model.training and torch.equal(model[1].running_mean, running_mean)
+    assert model[1].num_batches_tracked.item() == 1
+    assert_counted_once(profile, model)
+
+
+def small_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
+
+
+# torch.compile's default backend imports inductor, which warns about torch.jit internals.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compiled_model_is_probed_as_the_original_module():
+    model = small_mlp()
+    # Compilation is lazy and the probe unwraps to model._orig_mod, so nothing is compiled
+    # here and this stays fast with the default inductor backend.
+    compiled = torch.compile(model)
+    x = torch.randn(8, 16)
+    profile = probe_untouched(compiled, x)
+
+    assert [layer.name for layer in profile.layers] == ["0", "2", "4"]
+    assert profile.model == "Sequential"
+    assert profile.to_dict() == probe(model, x).to_dict()
+
+
+def test_compiled_model_keeps_its_graph_after_the_probe():
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):  # runs the traced graph eagerly
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    model = small_mlp()
+    compiled = torch.compile(model, backend=recording_backend)
+    x = torch.randn(8, 16)
+    before = compiled(x)
+    probe_untouched(compiled, x)
+    after = compiled(x)
+
+    assert len(graphs) == 1, "the probe's hooks made torch.compile recompile the model"
+    assert torch.equal(before, after)
+
+
+def test_compiled_submodule_names_lack_orig_mod():
+    model = small_mlp()
+    model[2] = torch.compile(model[2], backend="eager")
+    profile = probe_untouched(model, torch.randn(8, 16))
+
+    assert [layer.name for layer in profile.layers] == ["0", "2", "4"]
+    assert (profile.first.name, profile.last.name) == ("0", "4")
+
+
+def test_bfloat16_model_matches_its_float32_twin():
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.LayerNorm(64), nn.Linear(64, 8))
+    twin = copy.deepcopy(model).to(torch.bfloat16)
+    x = torch.randn(8, 32)
+    profile = probe_untouched(twin, x.to(torch.bfloat16))
+    reference = probe(model, x)
+
+    assert (profile.dtype, profile.input_shapes) == ("bfloat16", ["bfloat16[8, 32]"])
+    assert [layer.name for layer in profile.layers] == ["0", "2", "3"]
+    assert (profile.first.name, profile.last.name) == ("0", "3")
+    assert all(layer.finite and layer.grad_mean_abs > 0 for layer in profile.layers)
+    # bfloat16 keeps ~3 significant digits; the statistics are summed in float32.
+    assert profile.ratio == pytest.approx(reference.ratio, rel=0.05)
+    assert_counted_once(profile, twin)
+
+
+def test_bfloat16_model_gets_bfloat16_default_inputs():
+    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 1)).to(torch.bfloat16)
+    profile = probe_untouched(model)
+    assert profile.input_shapes == ["bfloat16[8, 32]"]
+    assert profile.dtype == "bfloat16"

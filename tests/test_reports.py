@@ -1,0 +1,220 @@
+"""The renderers in report.py, fed synthetic profiles: no model, no torch, no pytest run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from pytest_gradcheck import report
+from pytest_gradcheck.bounds import Bounds
+from pytest_gradcheck.checks import CheckResult, check
+from pytest_gradcheck.profile import GradientProfile, LayerStats
+
+
+def layer(name: str, mean: float, **fields) -> LayerStats:
+    values = dict(
+        name=name,
+        kind="Linear",
+        numel=4160,
+        grad_mean_abs=mean,
+        grad_max_abs=mean * 8,
+        grad_norm=mean * 64,
+        weight_norm=4.6,
+        zero_fraction=0.0,
+        finite=math.isfinite(mean),
+    )
+    values.update(fields)
+    return LayerStats(**values)
+
+
+def result_for(profile: GradientProfile, nodeid: str = "test_model.py::test_it", name=None) -> CheckResult:
+    bounds = Bounds()
+    return CheckResult(nodeid, name, profile, bounds, check(profile, bounds))
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The body rows of the first 'simple' table in ``text``, split into cells."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("---")) + 1
+    rows = []
+    for line in lines[start:]:
+        if not line[:1].isdigit():
+            break
+        rows.append(line.split())
+    return rows
+
+
+@pytest.fixture
+def deep_profile() -> GradientProfile:
+    """150 layers, a GPT-2-sized table, with its extremes and problems in the middle."""
+    layers = [layer(f"h.{i}.mlp", 1e-2 * (1.0 + 0.1 * math.sin(i))) for i in range(150)]
+    layers[33] = layer("h.33.mlp", 7.0)  # largest mean |grad|
+    layers[77] = layer("h.77.mlp", 3e-7)  # smallest non-zero mean |grad|
+    layers[100] = layer("h.100.mlp", 0.0, zero_fraction=1.0)  # dead: a finding names it
+    layers[120] = layer("h.120.mlp", float("nan"), grad_max_abs=float("nan"))  # non-finite
+    return GradientProfile(model="DeepNet", layers=layers, loss=1.0)
+
+
+def test_bar_grows_one_step_per_equal_factor_of_mean_grad():
+    scale = (1e-6, 1.0)
+    bars = [report.grad_bar(value, scale) for value in (1e-6, 1e-4, 1e-2, 1.0)]
+
+    assert [len(bar) for bar in bars] == [1, 5, 8, 12]
+    assert set("".join(bars)) == {"#"}
+
+
+def test_bar_scale_spans_at_least_three_decades_so_a_healthy_profile_stays_full():
+    profile = GradientProfile("Healthy", [layer(f"fc{i}", 0.1 * (1 + i / 4)) for i in range(4)], loss=1.0)
+
+    low, high = report.bar_scale(profile)
+    bars = [report.grad_bar(stats.grad_mean_abs, (low, high)) for stats in profile.layers]
+
+    assert high == pytest.approx(0.175)
+    assert low == pytest.approx(high / 1000)
+    assert min(len(bar) for bar in bars) >= 10
+
+
+def test_zero_missing_and_non_finite_gradients_draw_no_bar():
+    scale = (1e-3, 1.0)
+
+    assert report.grad_bar(0.0, scale) == ""
+    assert report.grad_bar(float("nan"), scale) == ""
+    assert report.grad_bar(float("inf"), scale) == ""
+    assert report.grad_bar(0.5, None) == ""
+
+
+def test_table_shows_the_bar_column_and_its_scale():
+    profile = GradientProfile("Vanishing", [layer("fc1", 1e-5), layer("fc2", 1e-2), layer("fc3", 1.0)], loss=1.0)
+
+    text = report.render_table(profile, [])
+    rows = table_rows(text)
+
+    assert "log 1e-05..1e+00" in text.splitlines()[1]
+    assert [row[5] for row in rows] == ["#", "########", "############"]
+
+
+def test_150_layer_table_fits_40_rows_and_keeps_its_worst_layers(deep_profile):
+    result = result_for(deep_profile)
+    rules = {finding.rule for finding in result.findings}
+
+    text = report.render_table(deep_profile, result.findings, max_rows=40)
+    shown = [int(row[0]) for row in table_rows(text)]
+
+    assert {"dead", "nonfinite"} <= rules
+    assert len(shown) == 40
+    assert shown == sorted(shown)
+    assert {0, 149, 33, 77, 100, 120} <= set(shown)
+    assert "110 of 150 layers left out (grad_report_max_rows = 40" in text
+    # The table, its two header lines and the summary: the whole block stays short.
+    assert len(text.splitlines()) <= 40 + 4 + 1 + len(result.findings)
+
+
+def test_truncation_fills_its_budget_from_both_ends_of_the_ranking(deep_profile):
+    shown = report.shown_rows(deep_profile, [], max_rows=10)
+    means = sorted(
+        (stats.grad_mean_abs, index)
+        for index, stats in enumerate(deep_profile.layers)
+        if stats.finite
+    )
+
+    assert len(shown) == 10
+    assert {means[0][1], means[1][1], means[-1][1], means[-2][1]} <= set(shown)
+
+
+def test_findings_naming_more_layers_than_fit_still_respect_the_budget():
+    layers = [layer(f"dead{i}", 0.0, zero_fraction=1.0) for i in range(60)] + [layer("head", 1.0)]
+    profile = GradientProfile("MostlyDead", layers, loss=1.0)
+    result = result_for(profile)
+
+    shown = report.shown_rows(profile, result.findings, max_rows=10)
+
+    assert len(shown) == 10
+    assert {0, 60} <= set(shown)
+
+
+@pytest.mark.parametrize("max_rows", [None, 0, 150, 500])
+def test_no_limit_or_a_large_one_shows_every_layer(deep_profile, max_rows):
+    text = report.render_table(deep_profile, [], max_rows=max_rows)
+
+    assert len(table_rows(text)) == 150
+    assert "left out" not in text
+
+
+def test_findings_are_listed_under_the_table(deep_profile):
+    result = result_for(deep_profile)
+
+    text = report.render_table(deep_profile, result.findings, max_rows=40)
+    tail = text.splitlines()[-len(result.findings):]
+
+    assert tail == [line for finding in result.findings for line in report.finding_lines(finding)]
+    assert tail[0].startswith("  FAIL ")
+
+
+def test_markdown_holds_every_layer_in_a_well_formed_table(deep_profile):
+    result = result_for(deep_profile)
+
+    text = report.render_markdown([result])
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "`h." in line]
+
+    assert len(rows) == 150
+    assert "mean \\|grad\\|" in text
+    # Every layer row has the header's number of cell separators once escaped pipes are ignored.
+    header = next(line for line in text.splitlines() if line.startswith("| #"))
+    assert {row.replace("\\|", "").count("|") for row in rows} == {header.replace("\\|", "").count("|")}
+    assert "<details open>" in text  # a failing model is unfolded in the job summary
+    assert "FAIL dead:" in text
+
+
+def test_markdown_overview_lists_every_probed_model_in_the_given_order():
+    healthy = GradientProfile("Healthy", [layer("fc1", 0.1), layer("fc2", 0.2)], loss=1.0)
+    vanishing = GradientProfile("Vanishing", [layer("fc1", 1e-6), layer("fc2", 1.0)], loss=1.0)
+    results = [result_for(vanishing, "b.py::test_v"), result_for(healthy, "a.py::test_h", name="small")]
+
+    text = report.render_markdown(results)
+    overview = text[: text.index("<details")]
+
+    assert overview.index("b.py::test_v") < overview.index("a.py::test_h [small]")
+    assert "| vanishing" in overview and "| healthy" in overview
+    assert text.count("<details>") == 1 and text.count("<details open>") == 1
+
+
+def test_markdown_for_a_run_that_probed_nothing_says_so():
+    assert "No test probed a model." in report.render_markdown([])
+
+
+def test_json_document_carries_schema_version_and_every_result_in_full(deep_profile):
+    small = GradientProfile("Small", [layer("fc1", 0.1), layer("fc2", 0.3)], loss=0.5)
+    results = [result_for(small, "a.py::test_small"), result_for(deep_profile, "a.py::test_deep")]
+
+    document = json.loads(report.render_json(results))
+
+    assert document["schema_version"] == report.SCHEMA_VERSION
+    assert [entry["nodeid"] for entry in document["results"]] == ["a.py::test_small", "a.py::test_deep"]
+    assert document["results"][0] == results[0].to_dict()
+    assert CheckResult.from_dict(document["results"][0]) == results[0]
+    deep = document["results"][1]
+    assert len(deep["profile"]["layers"]) == 150
+    assert deep["verdict"] == "nonfinite+dead"
+    assert deep["bounds"] == Bounds().to_dict()
+
+
+def test_json_is_strict_non_finite_numbers_become_strings(deep_profile):
+    def refuse(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    text = report.render_json([result_for(deep_profile)])
+    document = json.loads(text, parse_constant=refuse)
+
+    nan_layer = document["results"][0]["profile"]["layers"][120]
+    assert nan_layer["grad_mean_abs"] == "NaN"
+    assert float(nan_layer["grad_mean_abs"]) != float(nan_layer["grad_mean_abs"])
+
+
+def test_junit_properties_name_the_ratio_and_the_verdict():
+    vanishing = GradientProfile("Vanishing", [layer("fc1", 1e-6), layer("fc2", 1.0)], loss=1.0)
+    single = GradientProfile("Single", [layer("fc1", 0.1)], loss=1.0)
+
+    assert report.junit_properties(result_for(vanishing)) == [("grad_ratio", "1e-06"), ("grad_verdict", "vanishing")]
+    assert report.junit_properties(result_for(single)) == [("grad_ratio", "n/a"), ("grad_verdict", "healthy")]
