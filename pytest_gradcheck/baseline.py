@@ -19,7 +19,8 @@ from pytest_gradcheck.profile import GradientProfile, LayerStats
 SCHEMA_VERSION = 1
 # Enough to see a 10% drift, few enough that thread-count noise rarely changes the file.
 SIGNIFICANT_DIGITS = 4
-# Measured by benchmarks/measure_baseline_noise.py; see README ("Baselines").
+# Far above the thread and rounding noise that benchmarks/measure_baseline_noise.py
+# measures (README, "Baselines"): it is meant for regressions, not noise.
 DEFAULT_TOLERANCE = 2.0
 BASELINE_DIR = "__gradcheck__"
 

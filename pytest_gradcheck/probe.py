@@ -250,10 +250,8 @@ def _statistics(layers: list[_Layer], grads, record: _Record, loss: torch.Tensor
         if with_grad:
             # Each column is stacked at once so that thousands of 0-d results never
             # pile up together: peak memory stays that of the pass itself.
-            grad_list = [grads[i] for i in with_grad]
-            for order in (1, 2, math.inf, 0):
-                columns.append(torch.stack(_norms(grad_list, order)))
-            columns.append(torch.stack(_norms([params[i].detach() for i in with_grad], 2)))
+            grad_list = [_dense(grads[i]) for i in with_grad]
+            columns = _columns(grad_list, [params[i].detach() for i in with_grad])
         extras = [record.embedding_rows[key] for key in embedding_ids]
         extras = [t.reshape(1).float() for t in extras if t.device == device]
         own_loss = loss.device == device
@@ -272,6 +270,51 @@ def _statistics(layers: list[_Layer], grads, record: _Record, loss: torch.Tensor
         if own_loss:
             loss_value = values[position]
     return per_param, rows, loss_value
+
+
+def _columns(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[l1, l2, linf, nonzero, weight_l2] of each parameter, as float32 vectors on the device.
+
+    Consumes ``grads``: the probe owns them (autograd.grad made them), so |g| is
+    taken in place, which saves a copy, and every later statistic reads it.
+    """
+    grad_l2 = torch.stack(_norms(grads, 2))
+    weight_l2 = torch.stack(_norms(weights, 2))
+    magnitudes = _absolute_in_place(grads)
+    largest = torch.stack(_maxima(magnitudes)).float()
+    # A plain sum of |g| is several times faster than an L1 norm kernel on CPUs.
+    total = torch.stack([t.sum(dtype=torch.float32) for t in magnitudes])
+    nonzero = torch.stack(_norms(magnitudes, 0))
+    return [total, grad_l2, largest, nonzero, weight_l2]
+
+
+def _dense(grad: torch.Tensor) -> torch.Tensor:
+    # A sparse embedding gradient holds only the looked-up rows: its values carry
+    # every statistic (the implicit rows are zeros, counted via the row count).
+    return grad.coalesce().values() if grad.is_sparse else grad
+
+
+def _absolute_in_place(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    try:
+        torch._foreach_abs_(tensors)
+        return tensors
+    except RuntimeError:
+        # An expanded gradient (d sum(p) / dp is a broadcast 1) cannot be written in
+        # place; abs is idempotent, so tensors already done before the error are fine.
+        return [t.abs_() if _writable(t) else t.abs() for t in tensors]
+
+
+def _writable(tensor: torch.Tensor) -> bool:
+    return tensor.numel() == 0 or tensor.is_contiguous() or 0 not in tensor.stride()
+
+
+def _maxima(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    if hasattr(torch, "_foreach_max") and all(t.numel() for t in tensors):
+        try:
+            return list(torch._foreach_max(tensors))
+        except RuntimeError:
+            pass
+    return [t.amax() if t.numel() else t.new_zeros(()) for t in tensors]
 
 
 def _norms(tensors: list[torch.Tensor], order: float) -> list[torch.Tensor]:

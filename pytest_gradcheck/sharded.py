@@ -56,33 +56,32 @@ def statistics(params, grads, embedding_rows: dict, loss: torch.Tensor):
     unsharded hold unsynchronised local gradients, so only rank 0's numbers count for them.
     """
     group = _shard_group(grads)
-    device = loss.device
-    zero = torch.zeros((), device=device)
+    zero = torch.zeros((), device=loss.device)
     rank_zero = float(dist.get_rank(group) == 0)
     sums, maxima, received = [], [], []
     for param, grad in zip(params, grads):
         if grad is None:
             continue
-        local, weight, weight_share = _local(grad), _local(param.detach()), _share(param, rank_zero)
-        share = _share(grad, rank_zero)
-        local = local.reshape(-1).float()
-        weight = weight.reshape(-1).float()
-        sums += [local.abs().sum() * share, local.pow(2).sum() * share,
-                 torch.count_nonzero(local).float() * share, weight.pow(2).sum() * weight_share]
-        maxima.append(local.abs().amax() * share if local.numel() else zero)
+        local = _local(grad).reshape(-1).float() * _share(grad, rank_zero)
+        weight = _local(param.detach()).reshape(-1).float() * _share(param, rank_zero)
+        sums += [local.abs().sum(), local.pow(2).sum(), torch.count_nonzero(local), weight.pow(2).sum()]
+        maxima.append(local.abs().amax() if local.numel() else zero)  # a rank may hold an empty shard
         received.append(param)
     embedding_ids = list(embedding_rows)
-    summed = torch.stack([t.reshape(()).to(device) for t in sums] + [loss.detach().float().reshape(())])
-    maximal = torch.stack(maxima + [embedding_rows[key].float().reshape(()).to(device) for key in embedding_ids])
+    rows_used = [embedding_rows[key] for key in embedding_ids]
+    summed = torch.stack([t.float().reshape(()) for t in [*sums, loss.detach()]])
+    maximal = torch.stack([t.float().reshape(()) for t in [*maxima, *rows_used, zero]])  # never empty
     dist.all_reduce(summed, dist.ReduceOp.SUM, group=group)
     dist.all_reduce(maximal, dist.ReduceOp.MAX, group=group)
-    summed_values, maximal_values = summed.tolist(), maximal.tolist()  # one host sync
+    summed_values, maximal_values = summed.tolist(), maximal.tolist()  # the one host sync
     by_param = {}
     for index, param in enumerate(received):
-        l1, l2_squared, nonzero, weight_squared = summed_values[_SUMMED * index:_SUMMED * (index + 1)]
-        by_param[id(param)] = [l1, math.sqrt(l2_squared), maximal_values[index], nonzero, math.sqrt(weight_squared)]
+        l1, l2_squared, nonzero, weight_squared = summed_values[_SUMMED * index : _SUMMED * (index + 1)]
+        linf = maximal_values[index]
+        by_param[id(param)] = [l1, math.sqrt(l2_squared), linf, nonzero, math.sqrt(weight_squared)]
     per_param = [by_param.get(id(param)) for param in params]
-    rows = dict(zip(embedding_ids, maximal_values[len(received):]))
+    # The union of rows looked up is not a sum; with the probe's seeded inputs all ranks agree.
+    rows = dict(zip(embedding_ids, maximal_values[len(received) :]))
     loss_value = summed_values[-1] / dist.get_world_size(group)
     return per_param, rows, loss_value
 

@@ -23,15 +23,16 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
 
 def make_model() -> nn.Module:
     torch.manual_seed(0)  # every rank builds the same weights
+    # The 1-wide head leaves rank 1 of 2 an empty FSDP shard of both of its parameters.
     return nn.Sequential(
-        nn.Linear(8, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)
+        nn.Linear(8, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1)
     )
 
 
 def local_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each rank trains on its own data, so only an all-reduce can make the grads agree."""
     generator = torch.Generator().manual_seed(100 + rank)
-    return torch.randn(16, 8, generator=generator), torch.randn(16, 4, generator=generator)
+    return torch.randn(16, 8, generator=generator), torch.randn(16, 1, generator=generator)
 
 
 def gathered(tensor: torch.Tensor) -> list[torch.Tensor]:

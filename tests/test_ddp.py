@@ -42,7 +42,10 @@ def run_ranks(scenarios: str, folder: Path) -> list[dict]:
     except subprocess.TimeoutExpired:
         for process, _ in ranks:
             process.kill()
-        pytest.fail(f"{scenarios}: the ranks did not finish within {DEADLINE_S} s (deadlock?)")
+        tails = "\n".join(
+            f"rank {rank}:\n{process.communicate()[0][-1500:]}" for rank, (process, _) in enumerate(ranks)
+        )
+        pytest.fail(f"{scenarios}: the ranks did not finish within {DEADLINE_S} s (deadlock?)\n{tails}")
     for rank, ((process, _), log) in enumerate(zip(ranks, logs)):
         assert process.returncode == 0, f"{scenarios} rank {rank} exited with {process.returncode}:\n{log[-3000:]}"
     return [json.loads(out.read_text()) for _, out in ranks]
