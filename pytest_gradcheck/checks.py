@@ -147,20 +147,21 @@ def _dead_relu_findings(profile: GradientProfile, bounds: Bounds) -> list[Findin
 
 
 def _saturation_findings(profile: GradientProfile, bounds: Bounds) -> list[Finding]:
-    """Opt-in: sigmoid/tanh sites where at least ``saturation`` of the inputs have |x| >= 5."""
+    """Opt-in: sigmoid/tanh sites where more than ``saturation`` of the inputs have |x| >= 5."""
     if bounds.saturation is None:
         return []
     if profile.activations is None:
         return [_not_measured("saturation")]
     sites = [
-        s for s in profile.activations.sites if s.saturated_share is not None and s.saturated_share >= bounds.saturation
+        # Strictly above, as in DeepDiagnosis; dead_relu counts from the threshold up, as it does.
+        s for s in profile.activations.sites if s.saturated_share is not None and s.saturated_share > bounds.saturation
     ]
     if not sites:
         return []
     worst = max(sites, key=lambda s: s.saturated_share)
     places = ", ".join(f"{s.saturated_share:.0%} {s.where} ({s.call})" for s in sites)
     message = (
-        f"saturated activations: {len(sites)} sigmoid/tanh site(s) have at least saturation "
+        f"saturated activations: {len(sites)} sigmoid/tanh site(s) have more than saturation "
         f"{bounds.saturation:.0%} of their inputs at |x| >= 5: {places}"
     )
     return [Finding("saturation", _after_layers(sites), message, True, worst.saturated_share, bounds.saturation)]

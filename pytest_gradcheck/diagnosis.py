@@ -103,7 +103,7 @@ def _saturation(chain: _Chain, sites: list[ActivationStats], bounds: Bounds) -> 
     log10_factor = -sum(s.calls * math.log10(max(s.mean_derivative, 1e-30)) for s in on_chain)
     threshold = bounds.saturation if bounds.saturation is not None else DEFAULT_SATURATION
     saturated = max(on_chain, key=lambda s: s.saturated_share or 0.0)
-    if 10**-log10_factor > SATURATION_CHAIN_FACTOR and (saturated.saturated_share or 0.0) < threshold:
+    if 10**-log10_factor > SATURATION_CHAIN_FACTOR and (saturated.saturated_share or 0.0) <= threshold:
         return []
     functions = sorted({s.function for s in on_chain})
     bound = max(s.derivative_bound or 1.0 for s in on_chain)

@@ -105,6 +105,12 @@ def pytest_configure(config: pytest.Config) -> None:
         "saturation=None, baseline=None, tolerance=None): "
         "bounds and baseline settings for the gradient_health fixture in this test (pytest-gradcheck)",
     )
+    try:
+        bounds_mod.resolve(*session_bounds(config))
+    except (TypeError, ValueError) as error:
+        # A typo in pyproject.toml or on the command line stops the run at once,
+        # instead of failing every test that uses the fixture.
+        raise pytest.UsageError(str(error)) from None
     session = GradcheckSession(config)
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(session, "gradcheck-session")
@@ -149,11 +155,7 @@ def plugin_in_use(config: pytest.Config) -> bool:
 def pytest_report_header(config: pytest.Config) -> str | None:
     if not plugin_in_use(config):
         return None
-    try:
-        bounds = bounds_mod.resolve(*session_bounds(config))
-    except ValueError as error:
-        return f"gradcheck: {error}"
-    return f"gradcheck: {bounds.describe()}"
+    return f"gradcheck: {bounds_mod.resolve(*session_bounds(config)).describe()}"
 
 
 @pytest.fixture

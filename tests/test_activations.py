@@ -179,3 +179,21 @@ def test_an_older_profile_dict_without_activations_still_loads():
     data = probe(Forms("functional"), torch.randn(8, 4)).to_dict()
     del data["activations"]
     assert GradientProfile.from_dict(data).activations is None
+
+
+def test_rule_thresholds_compare_as_deepdiagnosis_does():
+    # Forms has exactly half its ReLU units dead and half its sigmoid inputs saturated.
+    from pytest_gradcheck import Bounds
+    from pytest_gradcheck.checks import check
+
+    torch.manual_seed(0)
+    model = Forms("functional")
+    profile = probe(model, torch.randn(8, 4))
+    profile.activations = measure(model, torch.randn(8, 4))
+
+    def rules(**bounds):
+        found = check(profile, Bounds(**bounds))
+        return sorted(f.rule for f in found if f.failing and f.rule in ("dead_relu", "saturation"))
+
+    assert rules(dead_relu=0.5, saturation=0.5) == ["dead_relu"]  # dead from the threshold up, saturated above it
+    assert rules(dead_relu=0.51, saturation=0.49) == ["saturation"]

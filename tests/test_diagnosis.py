@@ -201,7 +201,7 @@ def test_saturation_rule_reads_inputs_at_5():
     torch.manual_seed(0)
     profile, findings = assess(Saturated(), bounds=Bounds(min_ratio=None, saturation=True))
     (finding,) = [f for f in findings if f.rule == "saturation"]
-    assert finding.failing and finding.bound == 0.5 and finding.value >= 0.5
+    assert finding.failing and finding.bound == 0.5 and finding.value > 0.5
     assert "after fc1 (torch.tanh)" in finding.message
 
 

@@ -222,3 +222,41 @@ def test_frozen_first_layer_still_shapes_the_default_inputs():
     profile = probe_untouched(model)
     assert profile.input_shapes == ["float32[8, 6]"]
     assert [layer.name for layer in profile.layers] == ["2"]
+
+
+class FixedGradient(torch.autograd.Function):
+    """A straight-through trick: backward hands autograd a tensor the user keeps."""
+
+    surrogate = -torch.ones(4, 4)
+
+    @staticmethod
+    def forward(ctx, weight):
+        return weight * 1.0
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return FixedGradient.surrogate
+
+
+class StraightThrough(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return x @ FixedGradient.apply(self.fc.weight) + self.fc.bias
+
+
+def test_gradients_that_user_code_holds_are_not_written_to():
+    # autograd.grad may return a tensor someone else holds: what a gradient hook kept,
+    # or what a custom Function's backward returned. The probe must only read them.
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    kept = []
+    model[0].weight.register_hook(lambda grad: kept.append(grad) or grad)
+    probe(model)
+    assert (kept[0] < 0).any(), "the probe took |grad| in place in a tensor a hook kept"
+
+    surrogate = FixedGradient.surrogate.clone()
+    profile = probe_untouched(StraightThrough())
+    assert torch.equal(FixedGradient.surrogate, surrogate)
+    assert profile.layer("fc").grad_mean_abs == pytest.approx(1.0)

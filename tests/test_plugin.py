@@ -254,3 +254,13 @@ def test_a_project_that_does_not_use_the_fixture_never_imports_torch(pytester: p
 
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["gradcheck active: True, torch imported: False"])
+
+
+def test_a_bad_bound_stops_the_run_with_a_usage_error(pytester):
+    pytester.makepyfile("def test_nothing(): pass")
+    pytester.makeini("[pytest]\ngrad_max_ratio = lots\n")
+
+    result = pytester.runpytest()
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*max_ratio must be a number or 'off', got 'lots'*"])
