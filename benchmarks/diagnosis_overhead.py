@@ -99,12 +99,17 @@ def paired(samples: dict[str, list[float]], name: str) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, for a smoke run")
-    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="relu-net, sigmoid-net, resnet18, gpt2-small, mlp-<layers>")
+    parser.add_argument(
+        "--models", nargs="+", default=DEFAULT_MODELS, help="relu-net, sigmoid-net, resnet18, gpt2-small, mlp-<layers>"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     reps = 3 if args.quick else 11
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {reps} rounds\n")
-    print("| model | verdict | probe ms | assess ms | diagnose ms | again / probe (A/A) | assess / probe | diagnose / probe | target |")
+    print(
+        "| model | verdict | probe ms | assess ms | diagnose ms | again / probe (A/A) | assess / probe "
+        "| diagnose / probe | target |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     ok = True
     for name in args.models:

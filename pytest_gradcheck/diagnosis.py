@@ -73,9 +73,7 @@ class _Chain:
         self.layers = set(names[start : stop + 1])
         self.first = names[start] if names else "-"
         self.last = names[stop] if names else "-"
-        ratio = profile.ratio
-        self.ratio = ratio
-        self.decades = _decades(ratio)
+        self.decades = _decades(profile.ratio)
 
     def holds(self, site: ActivationStats) -> bool:
         return site.after is not None and site.after in self.before_last
@@ -255,7 +253,9 @@ def _depth(chain: _Chain, data, vanishing: bool, explained: float) -> list[dict]
     if shortest == data.longest_chain:
         shape = f"{shortest} weight layers in a plain stack (no residual connection, {normalised})"
     else:
-        shape = f"even through its residual connections the shortest path crosses {shortest} weight layers ({normalised})"
+        shape = (
+            f"even through its residual connections the shortest path crosses {shortest} weight layers ({normalised})"
+        )
     summary = f"depth: {shape}{rate + 'layer' if rate else ''}"
     fix = (
         "add residual connections (x = x + block(x)) or normalisation (LayerNorm/BatchNorm) every few layers, "

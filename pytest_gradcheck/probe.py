@@ -273,39 +273,62 @@ def _statistics(layers: list[_Layer], grads, record: _Record, loss: torch.Tensor
 
 
 def _columns(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    """[l1, l2, linf, nonzero, weight_l2] of each parameter, as float32 vectors on the device.
-
-    Consumes ``grads``: the probe owns them (autograd.grad made them), so |g| is
-    taken in place, which saves a copy, and every later statistic reads it.
-    """
+    """[l1, l2, linf, nonzero, weight_l2] of each parameter, as float32 vectors on the device."""
     grad_l2 = torch.stack(_norms(grads, 2))
     weight_l2 = torch.stack(_norms(weights, 2))
-    magnitudes = _absolute_in_place(grads)
-    largest = torch.stack(_maxima(magnitudes)).float()
-    # A plain sum of |g| is several times faster than an L1 norm kernel on CPUs.
-    total = torch.stack([t.sum(dtype=torch.float32) for t in magnitudes])
-    nonzero = torch.stack(_norms(magnitudes, 0))
+    total, largest, nonzero = _magnitude_statistics(grads)
     return [total, grad_l2, largest, nonzero, weight_l2]
+
+
+# |g| is taken into fresh tensors, never in place: autograd.grad may return a
+# tensor that user code holds (a gradient hook's, a custom Function's). Doing it
+# in pieces of at most this many elements (or 1/20 of all gradients) bounds the
+# extra memory, so the probe's peak stays that of the bare pass.
+_PIECE_ELEMENTS = 1 << 16
+
+
+def _magnitude_statistics(grads: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Sum, max and non-zero count of |g| per tensor, read in bounded pieces."""
+    budget = max(_PIECE_ELEMENTS, sum(g.numel() for g in grads) // 20)
+    owners, pieces, chunks = [], [], []
+    size = 0
+    for index, grad in enumerate(grads):
+        flat = grad.reshape(-1)
+        for piece in flat.split(budget) if flat.numel() > budget else (flat,):
+            if size + piece.numel() > budget and pieces:
+                chunks.append(_piece_statistics(pieces))
+                pieces, size = [], 0
+            owners.append(index)
+            pieces.append(piece)
+            size += piece.numel()
+    if pieces:
+        chunks.append(_piece_statistics(pieces))
+    device = grads[0].device
+    owner = torch.tensor(owners, device=device)
+    sums, maxima, counts = (torch.cat(column) for column in zip(*chunks))
+    if len(owners) == len(grads):  # one piece per tensor: nothing to combine
+        return sums, maxima, counts
+    zeros = torch.zeros(len(grads), device=device)
+    return (
+        zeros.index_add(0, owner, sums),
+        zeros.scatter_reduce(0, owner, maxima, "amax", include_self=False),
+        zeros.index_add(0, owner, counts),
+    )
+
+
+def _piece_statistics(pieces: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    magnitudes = torch._foreach_abs(pieces)
+    # A plain sum of |g| is several times faster than an L1 norm kernel on CPUs.
+    sums = torch.stack([m.sum(dtype=torch.float32) for m in magnitudes])
+    maxima = torch.stack(_maxima(magnitudes)).float()
+    counts = torch.stack(_norms(magnitudes, 0))
+    return sums, maxima, counts
 
 
 def _dense(grad: torch.Tensor) -> torch.Tensor:
     # A sparse embedding gradient holds only the looked-up rows: its values carry
     # every statistic (the implicit rows are zeros, counted via the row count).
     return grad.coalesce().values() if grad.is_sparse else grad
-
-
-def _absolute_in_place(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    try:
-        torch._foreach_abs_(tensors)
-        return tensors
-    except RuntimeError:
-        # An expanded gradient (d sum(p) / dp is a broadcast 1) cannot be written in
-        # place; abs is idempotent, so tensors already done before the error are fine.
-        return [t.abs_() if _writable(t) else t.abs() for t in tensors]
-
-
-def _writable(tensor: torch.Tensor) -> bool:
-    return tensor.numel() == 0 or tensor.is_contiguous() or 0 not in tensor.stride()
 
 
 def _maxima(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

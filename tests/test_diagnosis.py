@@ -295,7 +295,8 @@ def test_ini_and_command_line_switch_the_rules_on(pytester):
     result = pytester.runpytest("-p", "no:cacheprovider", "-k", "default", "--grad-dead-relu", "0.8")
     result.assert_outcomes(passed=1)
     result = pytester.runpytest("-p", "no:cacheprovider", "-k", "default", "--grad-dead-relu", "lots")
-    assert "dead_relu must be a share between 0 and 1" in result.stdout.str()
+    assert result.ret != 0
+    assert "dead_relu must be a share between 0 and 1" in result.stdout.str() + result.stderr.str()
 
 
 def test_causes_survive_the_xdist_transport():
