@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 from pytest_gradcheck import inputs as model_io
 from pytest_gradcheck.errors import ProbeError
-from pytest_gradcheck.probe import _forward, _is_norm, _isolated, _norms, unwrap
+from pytest_gradcheck.probing import _forward, _is_norm, _isolated, _norms, unwrap
 from pytest_gradcheck.profile import ActivationProfile, ActivationStats, InitScale
 
 # DeepDiagnosis (Wardat et al., ICSE 2022) counts a sigmoid/tanh input with |x| >= 5 as saturated.
@@ -70,7 +70,7 @@ def gain(function: str) -> float:
 def measure(model: nn.Module, inputs: Any = None, *, seed: int = 0) -> ActivationProfile:
     """Run one instrumented forward pass, set up exactly as the probe's, and return plain data.
 
-    The inputs, seed, train mode and grad mode match :func:`pytest_gradcheck.probe.probe`,
+    The inputs, seed, train mode and grad mode match :func:`pytest_gradcheck.probing.probe`,
     so dropout masks and inferred inputs are the same as in the probe the numbers explain.
     """
     if not isinstance(model, nn.Module):

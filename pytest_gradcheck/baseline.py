@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_gradcheck.errors import BaselineFileError
-from pytest_gradcheck.files import write_atomically
+from pytest_gradcheck.files import BASELINE_DIR, baseline_dir, write_atomically
 from pytest_gradcheck.profile import GradientProfile, LayerStats
 
 SCHEMA_VERSION = 1
@@ -22,7 +22,6 @@ SIGNIFICANT_DIGITS = 4
 # Far above the thread and rounding noise that benchmarks/measure_baseline_noise.py
 # measures (README, "Baselines"): it is meant for regressions, not noise.
 DEFAULT_TOLERANCE = 2.0
-BASELINE_DIR = "__gradcheck__"
 
 _FLOAT_LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerStats) if f.type == "float")
 # What a file name may hold as is; anything else becomes "_" plus a hash of the original.
@@ -31,12 +30,6 @@ _MAX_STEM = 120
 
 
 # -- where baselines live ----------------------------------------------------------
-
-
-def baseline_dir(test_module: Path) -> Path:
-    """The folder that holds the baselines of one test module: ``__gradcheck__/<module>/``."""
-    test_module = Path(test_module)
-    return test_module.parent / BASELINE_DIR / test_module.stem
 
 
 def baseline_path(test_module: Path, nodeid: str, name: str | None = None) -> Path:

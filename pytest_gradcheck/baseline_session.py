@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from pytest_gradcheck import baseline as baseline_mod
 from pytest_gradcheck.errors import BaselineFileError, GradientHealthError
+from pytest_gradcheck.files import baseline_dir
 
 EVENTS_KEY = pytest.StashKey[list]()
 BASELINE_KWARGS = ("baseline", "tolerance")
@@ -33,6 +33,8 @@ def baseline_settings(config: pytest.Config, marker: dict[str, Any], baseline, t
         return False, None
     if tolerance is None:
         tolerance = marker.get("tolerance", config.getini("grad_baseline_tolerance"))
+    from pytest_gradcheck import baseline as baseline_mod  # loaded only when a test uses a baseline
+
     return True, baseline_mod.parse_tolerance(tolerance)
 
 
@@ -47,6 +49,8 @@ def shown(config: pytest.Config, path: Path | str) -> str:
 def check_baseline(request: pytest.FixtureRequest, profile, name: str | None, tolerance: float) -> None:
     """Compare ``profile`` with the test's baseline file, or write it under --grad-baseline-update."""
     __tracebackhide__ = True
+    from pytest_gradcheck import baseline as baseline_mod  # loaded only when a test uses a baseline
+
     config, node = request.config, request.node
     path = baseline_mod.baseline_path(node.path, node.nodeid, name)
     events = node.stash.setdefault(EVENTS_KEY, [])
@@ -125,7 +129,7 @@ class BaselineSession:
     def _has_baselines(self, module: Path) -> bool:
         key = str(module)
         if key not in self.baseline_dirs:
-            self.baseline_dirs[key] = baseline_mod.baseline_dir(module).is_dir()
+            self.baseline_dirs[key] = baseline_dir(module).is_dir()
         return self.baseline_dirs[key]
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
@@ -191,7 +195,7 @@ class BaselineSession:
         for module, info in sorted(self.modules.items()):
             if not info["complete"] or len(self.passed.get(module, ())) < info["selected"]:
                 continue
-            files = sorted(baseline_mod.baseline_dir(Path(module)).glob("*.json"))
+            files = sorted(baseline_dir(Path(module)).glob("*.json"))
             self.unused += [path for path in files if str(path) not in self.used]
         if self.config.getoption("grad_baseline_prune"):
             for path in self.unused:

@@ -1,4 +1,4 @@
-"""Writing the files the plugin produces: atomically, so no reader ever sees half a file."""
+"""Where the plugin's files go, and writing them atomically so no reader ever sees half a file."""
 
 from __future__ import annotations
 
@@ -32,3 +32,12 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+BASELINE_DIR = "__gradcheck__"
+
+
+def baseline_dir(test_module: Path) -> Path:
+    """The folder that holds the baselines of one test module: ``__gradcheck__/<module>/``."""
+    test_module = Path(test_module)
+    return test_module.parent / BASELINE_DIR / test_module.stem

@@ -6,13 +6,15 @@ torch is imported only when a test calls the fixture.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
 
 from pytest_gradcheck import bounds as bounds_mod
 from pytest_gradcheck.baseline_session import BaselineSession, baseline_settings, check_baseline, split_marker_kwargs
-from pytest_gradcheck.checks import CheckResult, failing
-from pytest_gradcheck.errors import GradientHealthError
-from pytest_gradcheck.health import assess
+
+if TYPE_CHECKING:
+    from pytest_gradcheck.checks import CheckResult
 
 SESSION_KEY = pytest.StashKey["GradcheckSession"]()
 PENDING_KEY = pytest.StashKey[list]()
@@ -179,6 +181,10 @@ def gradient_health(request: pytest.FixtureRequest):
         model, inputs=None, *, loss_fn=None, seed=0, name=None, baseline=None, tolerance=None, **overrides
     ):
         __tracebackhide__ = True
+        # Imported here, not at plugin load: every pytest run in the environment loads the plugin.
+        from pytest_gradcheck.checks import CheckResult, failing
+        from pytest_gradcheck.errors import GradientHealthError
+        from pytest_gradcheck.health import assess
         from pytest_gradcheck.report import junit_properties, render_failure
 
         item = request.node
@@ -261,8 +267,11 @@ class GradcheckSession:
 
     def pytest_runtest_logreport(self, report) -> None:
         # Runs in the controller under xdist and in-process otherwise: one path for both.
-        for record in getattr(report, "gradcheck", None) or ():
-            self.results.append(CheckResult.from_dict(record))
+        records = getattr(report, "gradcheck", None)
+        if records:
+            from pytest_gradcheck.checks import CheckResult
+
+            self.results.extend(CheckResult.from_dict(record) for record in records)
 
     def ordered_results(self) -> list[CheckResult]:
         """The results in collection order; a stable sort keeps each test's probes in call order."""
@@ -325,6 +334,7 @@ class GradPlotWriter:
     def pytest_runtest_logreport(self, report) -> None:
         records = getattr(report, "gradcheck", None)
         if records:
+            from pytest_gradcheck.checks import CheckResult
             from pytest_gradcheck.plot import save_result_plots
 
             self.written += save_result_plots([CheckResult.from_dict(r) for r in records], self.directory)

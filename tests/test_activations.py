@@ -10,7 +10,7 @@ from torch import nn
 
 from pytest_gradcheck.activations import measure
 from pytest_gradcheck.profile import ActivationProfile, GradientProfile
-from pytest_gradcheck.probe import probe
+from pytest_gradcheck.probing import probe
 
 # A Linear with zero weights: its output is its bias for every sample, whatever the input.
 DEAD_HALF = [-1.0, -2.0, 2.0, 3.0]  # two of four ReLU units are dead

@@ -130,7 +130,7 @@ def test_failure_names_the_rule_with_numbers_shows_the_table_and_points_at_the_t
     # The ">" line right before the message is the test's own call: plugin frames are hidden.
     arrow = [line for line in output.splitlines() if line.startswith(">")]
     assert arrow == [">       gradient_health(Scaled(0.001))"]
-    for internal in ("plugin.py", "health.py", "probe.py", "checks.py"):
+    for internal in ("plugin.py", "health.py", "probing.py", "checks.py"):
         assert internal not in output
 
 

@@ -630,7 +630,7 @@ def test_seed_networks_reproduce_the_notebook(weights_seed):
 
 def test_public_probe_stays_callable_once_the_engine_module_is_imported():
     import pytest_gradcheck
-    import pytest_gradcheck.probe  # noqa: F401  (the fixture imports it on first use)
+    import pytest_gradcheck.probing  # noqa: F401  (the fixture imports it on first use)
 
     profile = pytest_gradcheck.probe(nn.Linear(3, 2), torch.randn(2, 3), seed=1)
 

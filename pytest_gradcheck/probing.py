@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
-import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -431,18 +429,3 @@ def _isolated(model: nn.Module):
                     module._buffers[name] = buf
         for module, training in modes:
             module.training = training
-
-
-class _CallableModule(types.ModuleType):
-    """This module, callable as :func:`probe`.
-
-    Importing ``pytest_gradcheck.probe`` makes Python set the package attribute
-    ``pytest_gradcheck.probe`` to this module, replacing the public ``probe()``
-    function. Being callable keeps ``pytest_gradcheck.probe(model)`` working after that.
-    """
-
-    def __call__(self, *args, **kwargs) -> GradientProfile:
-        return probe(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
