@@ -124,8 +124,18 @@ def memory_child(case: str, mode: str, device: str) -> None:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        peak = _peak_rss() - before
     print(json.dumps({"peak": peak}))
+
+
+def _peak_rss() -> float:
+    # VmHWM belongs to this address space. ru_maxrss would not do: Linux carries it
+    # over from the parent through fork and exec, so a big parent inflates both variants.
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status: peak memory needs Linux")
 
 
 def _rss_now() -> float:
@@ -138,6 +148,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, for a smoke run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    parser.add_argument("--models", nargs="+", default=list(TARGETS), choices=list(TARGETS), help="models to measure")
     parser.add_argument("--memory-child", nargs=2, metavar=("CASE", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -147,7 +158,8 @@ def main() -> int:
     reps = {"gpt2-small": 3 if args.quick else 7, "resnet18": 5 if args.quick else 15, "mlp-1000": 5 if args.quick else 21}
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     rows, ok = [], True
-    for case, target in TARGETS.items():
+    for case in args.models:
+        target = TARGETS[case]
         model, inputs = build(case)
         model, inputs = model.to(args.device), inputs.to(args.device)
         t = alternate(model, inputs, reps[case])

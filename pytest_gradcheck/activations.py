@@ -77,12 +77,7 @@ def measure(model: nn.Module, inputs: Any = None, *, seed: int = 0) -> Activatio
         raise ProbeError(f"measure() needs a torch.nn.Module, got {type(model).__name__}")
     model = unwrap(model)
     tracker = _Tracker(model)
-    with _isolated(model) as cuda_devices, torch.enable_grad():
-        torch.random.default_generator.manual_seed(seed)
-        for index in cuda_devices:
-            with torch.cuda.device(index):
-                torch.cuda.manual_seed(seed)
-        model.train()
+    with _isolated(model, seed), torch.enable_grad():
         if inputs is None:
             inputs = model_io.infer_inputs(model)
         args, kwargs = model_io.as_call_arguments(inputs)

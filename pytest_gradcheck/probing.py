@@ -22,7 +22,7 @@ _NORM_TYPES = (
     nn.LocalResponseNorm,
 )
 # Per-parameter gradient statistics, one column each, computed on the device.
-_L1, _L2, _LINF, _NONZERO = range(4)
+_L1, _L2, _LINF, _NONZERO, _WEIGHT_L2 = range(5)
 
 
 @dataclass
@@ -67,7 +67,8 @@ def probe(
     model = unwrap(model)
     model_name = type(model).__name__
     fully_sharded = sharded.is_fully_sharded(model)
-    candidates = _parameter_owners(model)
+    named_modules = list(model.named_modules())
+    candidates = _parameter_owners(named_modules)
     if not candidates:
         raise ProbeError(
             f"{model_name} has no trainable parameters (none with requires_grad=True); "
@@ -81,16 +82,11 @@ def probe(
             f"no values (first: {on_meta[0]}); materialize the model before probing, e.g. "
             "model.to_empty(device='cpu') and then initialise or load the weights"
         )
-    with _isolated(model) as cuda_devices, torch.enable_grad():
-        torch.random.default_generator.manual_seed(seed)
-        for index in cuda_devices:
-            with torch.cuda.device(index):
-                torch.cuda.manual_seed(seed)
-        model.train()
+    with _isolated(model, seed), torch.enable_grad():
         if inputs is None:
             inputs = model_io.infer_inputs(model)
         args, kwargs = model_io.as_call_arguments(inputs)
-        with _recorder(model, candidates) as record:
+        with _recorder(named_modules, candidates) as record:
             output = _forward(model, args, kwargs)
         loss = model_io.loss_of(output, loss_fn, model_name)
         layers = _assign_owners(candidates, record)
@@ -108,7 +104,7 @@ def probe(
             per_param, rows, loss_value = _statistics(layers, grads, record, loss)
     return GradientProfile(
         model=model_name,
-        layers=_layer_stats(layers, grads, per_param, rows, record),
+        layers=_layer_stats(layers, per_param, rows, record),
         loss=loss_value,
         seed=seed,
         device=str(params[0].device),
@@ -117,11 +113,15 @@ def probe(
     )
 
 
-def _parameter_owners(model: nn.Module) -> list[_Layer]:
+def _parameter_owners(named_modules: list[tuple[str, nn.Module]]) -> list[_Layer]:
     """Every module that directly owns a trainable parameter, in registration order."""
     owners = []
-    for index, (name, module) in enumerate(model.named_modules()):
-        params = [(f"{name}.{p}" if name else p, t) for p, t in module.named_parameters(recurse=False) if t.requires_grad]
+    for index, (name, module) in enumerate(named_modules):
+        params = [
+            (f"{name}.{key}" if name else key, param)
+            for key, param in module._parameters.items()
+            if param is not None and param.requires_grad
+        ]
         if params:
             owners.append(_Layer(name, module, index, params))
     return owners
@@ -161,7 +161,7 @@ class _Record:
 
 
 @contextlib.contextmanager
-def _recorder(model: nn.Module, candidates: list[_Layer]):
+def _recorder(named_modules: list[tuple[str, nn.Module]], candidates: list[_Layer]):
     """Forward pre-hooks that record execution order and the rows embeddings look up."""
     record = _Record()
     order = record.order
@@ -183,7 +183,7 @@ def _recorder(model: nn.Module, candidates: list[_Layer]):
         hooked.update(".".join(parts[:depth]) for depth in range(len(parts)))
     handles = []
     try:
-        for name, module in model.named_modules():
+        for name, module in named_modules:
             if name not in hooked:
                 continue
             record.by_name[name] = module
@@ -249,7 +249,8 @@ def _statistics(layers: list[_Layer], grads, record: _Record, loss: torch.Tensor
             # Each column is stacked at once so that thousands of 0-d results never
             # pile up together: peak memory stays that of the pass itself.
             grad_list = [_dense(grads[i]) for i in with_grad]
-            columns = _columns(grad_list, [params[i].detach() for i in with_grad])
+            with torch.no_grad():  # parameters go in as they are: detach() costs more than the norm
+                columns = _columns(grad_list, [params[i] for i in with_grad])
         extras = [record.embedding_rows[key] for key in embedding_ids]
         extras = [t.reshape(1).float() for t in extras if t.device == device]
         own_loss = loss.device == device
@@ -258,8 +259,9 @@ def _statistics(layers: list[_Layer], grads, record: _Record, loss: torch.Tensor
             continue
         values = torch.cat(flat).tolist()  # the one host sync for this device
         count = len(with_grad)
-        for slot, i in enumerate(with_grad):
-            per_param[i] = [values[slot + k * count] for k in range(5)]
+        by_column = [values[k * count:(k + 1) * count] for k in range(5)]
+        for i, row in zip(with_grad, zip(*by_column)):
+            per_param[i] = row
         position = 5 * count
         for key in embedding_ids:
             if record.embedding_rows[key].device == device:
@@ -316,10 +318,13 @@ def _magnitude_statistics(grads: list[torch.Tensor]) -> tuple[torch.Tensor, ...]
 
 def _piece_statistics(pieces: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     magnitudes = torch._foreach_abs(pieces)
-    # A plain sum of |g| is several times faster than an L1 norm kernel on CPUs.
-    sums = torch.stack([m.sum(dtype=torch.float32) for m in magnitudes])
     maxima = torch.stack(_maxima(magnitudes)).float()
-    counts = torch.stack(_norms(magnitudes, 0))
+    if len(magnitudes) > 8:  # many small tensors: fused calls beat a Python loop
+        sums = torch.stack(_norms(magnitudes, 1))
+        counts = torch.stack(_norms(magnitudes, 0))
+    else:  # a few large ones: plain reductions are several times faster than norm kernels on CPUs
+        sums = torch.stack([m.sum(dtype=torch.float32) for m in magnitudes])
+        counts = torch.stack([torch.count_nonzero(m) for m in magnitudes]).float()
     return sums, maxima, counts
 
 
@@ -346,49 +351,51 @@ def _norms(tensors: list[torch.Tensor], order: float) -> list[torch.Tensor]:
         return [torch.linalg.vector_norm(t.float(), order) for t in tensors]
 
 
-def _layer_stats(layers, grads, per_param, rows, record) -> list[LayerStats]:
+def _layer_stats(layers, per_param, rows, record) -> list[LayerStats]:
     """Aggregate per-parameter numbers into one LayerStats per layer (host side)."""
     stats = []
-    index = 0
+    values = iter(per_param)
     for layer in layers:
-        entries = []
+        has_matrix = any(param.dim() >= 2 for _, param in layer.params)
+        # An embedding is judged on the rows the batch looked up, so a large
+        # vocabulary does not look like vanishing or mostly-zero gradients.
+        looked_up = None if layer.sharers else rows.get(id(layer.module))
+        l1 = measured = nonzero = counted = l2_squared = weight_squared = largest = 0.0
+        numel, finite, got_any, unused = 0, True, False, []
         for pname, param in layer.params:
-            entries.append((pname, param, per_param[index]))
-            index += 1
-        has_matrix = any(param.dim() >= 2 for _, param, _ in entries)
-        looked_up = rows.get(id(layer.module)) if not layer.sharers else None
-
-        def counted(param):
-            # An embedding is judged on the rows the batch looked up, so a large
-            # vocabulary does not look like vanishing or mostly-zero gradients.
-            if looked_up is not None and param.dim() == 2:
-                return looked_up * param.shape[1]
-            return param.numel()
-
-        with_grad = [(param, v) for _, param, v in entries if v is not None]
-        measured = [(param, v) for param, v in with_grad if param.dim() >= 2 or not has_matrix]
-        count = sum(counted(param) for param, _ in measured)
-        l1 = sum(v[_L1] for _, v in measured)
-        total = sum(counted(param) for param, _ in with_grad)
-        nonzero = sum(v[_NONZERO] for _, v in with_grad)
-        got = [v for _, v in with_grad]
+            value = next(values)
+            numel += param.numel()
+            if value is None:
+                unused.append(_public_name(pname))
+                continue
+            got_any = True
+            size = looked_up * param.shape[1] if looked_up is not None and param.dim() == 2 else param.numel()
+            if param.dim() >= 2 or not has_matrix:
+                l1 += value[_L1]
+                measured += size
+            counted += size
+            nonzero += value[_NONZERO]
+            largest = max(largest, value[_LINF])
+            l2_squared += value[_L2] ** 2
+            weight_squared += value[_WEIGHT_L2] ** 2
+            finite = finite and math.isfinite(value[_L1])
         stats.append(
             LayerStats(
                 name=_public_name(layer.name),
                 kind=type(layer.module).__name__,
-                numel=sum(param.numel() for _, param, _ in entries),
-                grad_mean_abs=l1 / count if count else 0.0,
-                grad_max_abs=max((v[_LINF] for v in got), default=0.0),
-                grad_norm=math.sqrt(sum(v[_L2] ** 2 for v in got)),
-                weight_norm=math.sqrt(sum(v[4] ** 2 for v in got)),
-                zero_fraction=min(1.0, max(0.0, 1.0 - nonzero / total)) if total else 1.0,
-                finite=all(math.isfinite(v[_L1]) for v in got),
+                numel=numel,
+                grad_mean_abs=l1 / measured if measured else 0.0,
+                grad_max_abs=largest,
+                grad_norm=math.sqrt(l2_squared),
+                weight_norm=math.sqrt(weight_squared),
+                zero_fraction=min(1.0, max(0.0, 1.0 - nonzero / counted)) if counted else 1.0,
+                finite=finite,
                 executed=id(layer.module) in record.order,
-                received_grad=bool(got),
+                received_grad=got_any,
                 has_matrix=has_matrix,
                 is_norm=_is_norm(layer.module),
                 shared_with=[_public_name(name) for name in layer.sharers],
-                unused_parameters=[_public_name(name) for name, _, v in entries if v is None],
+                unused_parameters=unused,
             )
         )
     # A layer that never ran and got no gradient has no place in the execution
@@ -398,6 +405,8 @@ def _layer_stats(layers, grads, per_param, rows, record) -> list[LayerStats]:
 
 def _public_name(name: str) -> str:
     """The name a user knows: a submodule wrapped by torch.compile adds an ``_orig_mod`` level."""
+    if "_orig_mod" not in name:
+        return name
     return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
@@ -406,19 +415,31 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def _isolated(model: nn.Module):
-    """Restore modes, buffers and RNG state afterwards, whatever happens."""
-    modes = [(module, module.training) for module in model.modules()]
+def _isolated(model: nn.Module, seed: int):
+    """Train mode and a seeded RNG inside; modes, buffers and RNG states restored afterwards."""
+    modules = list(model.modules())
+    modes = [module.training for module in modules]
     buffers = []
-    for module in model.modules():
-        saved = {name: (buf, None if buf is None else buf.detach().clone()) for name, buf in module._buffers.items()}
-        buffers.append((module, saved))
+    for module in modules:
+        if module._buffers:
+            saved = {name: (buf, None if buf is None else buf.detach().clone()) for name, buf in module._buffers.items()}
+            buffers.append((module, saved))
     cuda_devices = []
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         cuda_devices = list(range(torch.cuda.device_count()))
     try:
+        if any(type(module).train is not nn.Module.train for module in modules):
+            model.train()  # a model's own train() (one that keeps BatchNorm frozen, say) has its say
+        else:
+            _set_modes(modules, [True] * len(modules))
         with torch.random.fork_rng(devices=cuda_devices):
-            yield cuda_devices
+            # Only the CUDA devices in use are seeded: torch.manual_seed would also queue
+            # a lazy seeding of CUDA, changing its RNG after the probe has returned.
+            torch.random.default_generator.manual_seed(seed)
+            for index in cuda_devices:
+                with torch.cuda.device(index):
+                    torch.cuda.manual_seed(seed)
+            yield
     finally:
         with torch.no_grad():
             for module, saved in buffers:
@@ -427,5 +448,11 @@ def _isolated(model: nn.Module):
                     if buf is not None:
                         buf.copy_(copy)
                     module._buffers[name] = buf
-        for module, training in modes:
-            module.training = training
+        _set_modes(modules, modes)
+
+
+def _set_modes(modules: list[nn.Module], modes: list[bool]) -> None:
+    # What Module.train() does, minus its recursion and Module.__setattr__'s
+    # lookups, which cost more than the rest of a probe on a 1,000-layer model.
+    for module, training in zip(modules, modes):
+        module.__dict__["training"] = training
