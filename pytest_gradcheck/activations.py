@@ -81,7 +81,7 @@ def measure(model: nn.Module, inputs: Any = None, *, seed: int = 0) -> Activatio
         if inputs is None:
             inputs = model_io.infer_inputs(model)
         args, kwargs = model_io.as_call_arguments(inputs)
-        for tensor in _tensors(args) + _tensors(kwargs):
+        for tensor in model_io.tensors_in((args, kwargs), max_depth=4):
             tracker.tag(tensor, 0, 0)
         with tracker.hooks(), tracker:
             output = _forward(model, args, kwargs)
@@ -169,7 +169,7 @@ class _Tracker(TorchFunctionMode):
     def _propagate(self, name: str, args: tuple, kwargs: dict, output: Any) -> None:
         tracked, grad_tracked, weighted = [], [], False
         applies_weight = name in _WEIGHT_APPLICATIONS
-        for tensor in _tensors(args) + _tensors(kwargs):
+        for tensor in model_io.tensors_in((args, kwargs), max_depth=4):
             depth = self.depth(tensor)
             if depth is not None:
                 tracked.append(depth)
@@ -183,11 +183,11 @@ class _Tracker(TorchFunctionMode):
         step = 1 if weighted else 0
         shortest = min(d[0] for d in base) + step
         longest = max(d[1] for d in base) + step
-        for tensor in _tensors(output):
+        for tensor in model_io.tensors_in(output, max_depth=3):
             self.tag(tensor, shortest, longest)
 
     def chain(self, output: Any) -> tuple[int, int]:
-        depths = [self.depth(t) for t in _tensors(output) if t.requires_grad]
+        depths = [self.depth(t) for t in model_io.tensors_in(output, max_depth=3) if t.requires_grad]
         depths = [d for d in depths if d is not None]
         if not depths:
             return 0, 0
@@ -433,16 +433,3 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return None
 
 
-def _tensors(value: Any, depth: int = 0) -> list[torch.Tensor]:
-    """Tensors in an argument structure (tuples, lists, dicts), a few levels deep."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if depth > 3:
-        return []
-    if isinstance(value, dict):
-        items = value.values()
-    elif isinstance(value, (tuple, list)):
-        items = value
-    else:
-        return []
-    return [t for item in items for t in _tensors(item, depth + 1)]

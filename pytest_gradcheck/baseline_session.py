@@ -158,25 +158,7 @@ class BaselineSession:
             report.gradcheck_module = self.module_info[str(item.path)]
         return report
 
-    @pytest.hookimpl(wrapper=True)
-    def pytest_report_to_serializable(self, config: pytest.Config, report):
-        data = yield
-        if data is not None:
-            for key in ("gradcheck_baselines", "gradcheck_module"):
-                if getattr(report, key, None):
-                    data[key] = getattr(report, key)
-        return data
-
-    @pytest.hookimpl(wrapper=True)
-    def pytest_report_from_serializable(self, config: pytest.Config, data):
-        report = yield
-        if report is not None:
-            for key in ("gradcheck_baselines", "gradcheck_module"):
-                if key in data:
-                    setattr(report, key, data[key])
-        return report
-
-    # -- reporting side ----------------------------------------------------------
+    # -- reporting side (plugin.REPORT_KEYS carries the report attributes under xdist) --
 
     def pytest_runtest_logreport(self, report) -> None:
         for event in getattr(report, "gradcheck_baselines", None) or ():

@@ -90,7 +90,7 @@ def loss_of(output: Any, loss_fn: Callable[[Any], torch.Tensor] | None, model_na
     explicit = _loss_entry(output)
     if explicit is not None:
         return explicit.reshape(()).float()
-    tensors = [t for t in _tensors_in(output) if t.dtype.is_floating_point or t.dtype.is_complex]
+    tensors = [t for t in tensors_in(output) if t.dtype.is_floating_point or t.dtype.is_complex]
     if not tensors:
         raise ProbeError(
             f"{model_name} returned {_kind_of(output)}, which holds no floating-point tensor to "
@@ -112,10 +112,11 @@ def _loss_entry(output: Any) -> torch.Tensor | None:
     return None
 
 
-def _tensors_in(value: Any, depth: int = 0) -> list[torch.Tensor]:
+def tensors_in(value: Any, max_depth: int = 8, depth: int = 0) -> list[torch.Tensor]:
+    """Tensors in a nested structure of tuples, lists, dicts and dataclasses."""
     if isinstance(value, torch.Tensor):
         return [value]
-    if depth > 8:
+    if depth > max_depth:
         return []
     if isinstance(value, dict):
         items = list(value.values())
@@ -125,7 +126,7 @@ def _tensors_in(value: Any, depth: int = 0) -> list[torch.Tensor]:
         items = [getattr(value, f.name) for f in dataclasses.fields(value)]
     else:
         return []
-    return [t for item in items for t in _tensors_in(item, depth + 1)]
+    return [t for item in items for t in tensors_in(item, max_depth, depth + 1)]
 
 
 def _kind_of(value: Any) -> str:

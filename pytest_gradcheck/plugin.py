@@ -220,19 +220,28 @@ def pytest_runtest_makereport(item: pytest.Item, call):
     return report
 
 
+# Plain data the plugin attaches to test reports: results, and the baseline session's
+# file events and module facts. pytest-xdist carries them from workers to the controller.
+REPORT_KEYS = ("gradcheck", "gradcheck_baselines", "gradcheck_module")
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_report_to_serializable(config: pytest.Config, report):
     data = yield
-    if data is not None and getattr(report, "gradcheck", None):
-        data["gradcheck"] = report.gradcheck
+    if data is not None:
+        for key in REPORT_KEYS:
+            if getattr(report, key, None):
+                data[key] = getattr(report, key)
     return data
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_report_from_serializable(config: pytest.Config, data):
     report = yield
-    if report is not None and "gradcheck" in data:
-        report.gradcheck = data["gradcheck"]
+    if report is not None:
+        for key in REPORT_KEYS:
+            if key in data:
+                setattr(report, key, data[key])
     return report
 
 

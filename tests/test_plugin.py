@@ -264,3 +264,21 @@ def test_a_bad_bound_stops_the_run_with_a_usage_error(pytester):
 
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*max_ratio must be a number or 'off', got 'lots'*"])
+
+
+def test_positional_marker_arguments_are_an_error(pytester):
+    pytester.makepyfile(
+        """
+        import pytest
+        import torch
+
+        @pytest.mark.gradient_health(0.1)
+        def test_model(gradient_health):
+            gradient_health(torch.nn.Linear(4, 2))
+        """
+    )
+
+    result = pytester.runpytest()
+
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*takes keyword arguments only*min_ratio=0.01*got positional (0.1,)*"])
