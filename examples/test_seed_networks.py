@@ -24,5 +24,5 @@ def test_sigmoid_net_vanishes(gradient_health):
 
 
 def test_small_init_net_vanishes(gradient_health):
-    with pytest.raises(GradientHealthError, match="vanishing"):
+    with pytest.raises(GradientHealthError, match="cause: initialisation"):
         gradient_health(SmallInitNet())

@@ -97,9 +97,13 @@ def fixture_suite(pytester: pytest.Pytester) -> pytest.Pytester:
 
 
 def report_section(output: str) -> str:
+    """The gradient report, up to the next section (with CI set, pytest's short summary
+    repeats whole failure messages, tables included)."""
     marker = re.search(r"=+ gradient report =+", output)
     assert marker, output
-    return output[marker.end() :]
+    rest = output[marker.end() :]
+    following = re.search(r"^=+ .* =+$", rest, flags=re.MULTILINE)
+    return rest[: following.start()] if following else rest
 
 
 def test_fixture_passes_healthy_models_and_fails_unhealthy_ones(fixture_suite):
