@@ -146,6 +146,9 @@ class _Record:
         self.by_name: dict[str, nn.Module] = {}
         self.lookups: dict[int, list[torch.Tensor]] = {}
         self.embedding_rows: dict[int, torch.Tensor] = {}
+        self.embedding_masks: dict[int, torch.Tensor] = {}
+        # Tied embeddings whose sum and non-zero count were taken over the looked-up rows.
+        self.tied_rows_measured: set[int] = set()
 
     def position(self, layer: _Layer) -> tuple:
         """Sort key: own execution index, else just after the nearest executed ancestor."""
@@ -197,16 +200,18 @@ def _recorder(named_modules: list[tuple[str, nn.Module]], candidates: list[_Laye
     for name in owners:
         module = record.by_name[name]
         if id(module) in record.lookups:
-            record.embedding_rows[id(module)] = _rows_used(module, record.lookups[id(module)])
+            mask = _rows_used(module, record.lookups[id(module)])
+            record.embedding_masks[id(module)] = mask
+            record.embedding_rows[id(module)] = mask.sum()
 
 
 def _rows_used(embedding: nn.Embedding, lookups: list[torch.Tensor]) -> torch.Tensor:
-    """How many distinct rows the batch looked up, kept on the device (no host sync)."""
+    """Which rows the batch looked up, as a mask kept on the device (no host sync)."""
     weight = embedding.weight
     seen = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
     for lookup in lookups:
         seen[lookup.reshape(-1)] = True
-    return seen.sum()
+    return seen
 
 
 def _assign_owners(candidates: list[_Layer], record: _Record) -> list[_Layer]:
@@ -239,6 +244,7 @@ def _statistics(layers: list[_Layer], grads, record: _Record, loss: torch.Tensor
     for index, param in enumerate(params):
         by_device.setdefault(param.device, []).append(index)
     per_param: list[list[float] | None] = [None] * len(params)
+    tied = _tied_embedding_weights(layers, record)
     embedding_ids = list(record.embedding_rows)
     rows: dict[int, float] = {}
     loss_value = float("nan")
@@ -251,6 +257,7 @@ def _statistics(layers: list[_Layer], grads, record: _Record, loss: torch.Tensor
             grad_list = [_dense(grads[i]) for i in with_grad]
             with torch.no_grad():  # parameters go in as they are: detach() costs more than the norm
                 columns = _columns(grad_list, [params[i] for i in with_grad])
+                _restrict_tied_embeddings(columns, with_grad, grad_list, tied, record)
         extras = [record.embedding_rows[key] for key in embedding_ids]
         extras = [t.reshape(1).float() for t in extras if t.device == device]
         own_loss = loss.device == device
@@ -270,6 +277,34 @@ def _statistics(layers: list[_Layer], grads, record: _Record, loss: torch.Tensor
         if own_loss:
             loss_value = values[position]
     return per_param, rows, loss_value
+
+
+def _tied_embedding_weights(layers: list[_Layer], record: _Record) -> dict[int, int]:
+    """Parameter index -> module id, for embedding tables tied to another module."""
+    tied, index = {}, 0
+    for layer in layers:
+        for _, param in layer.params:
+            if layer.sharers and id(layer.module) in record.embedding_masks and param is layer.module.weight:
+                tied[index] = id(layer.module)
+            index += 1
+    return tied
+
+
+def _restrict_tied_embeddings(columns, with_grad, grad_list, tied, record) -> None:
+    """Take a tied table's sum and non-zero count of |g| over the rows the batch looked up.
+
+    The output head that shares the table gives every row a gradient; averaged over
+    a 50,000-word vocabulary, the looked-up rows would vanish among the rest.
+    """
+    for slot, index in enumerate(with_grad):
+        key = tied.get(index)
+        grad = grad_list[slot]
+        if key is None or grad.dim() != 2 or grad.shape[0] != record.embedding_masks[key].shape[0]:
+            continue
+        mask = record.embedding_masks[key]
+        columns[0][slot] = (torch.linalg.vector_norm(grad, 1, dim=1, dtype=torch.float32) * mask).sum()
+        columns[3][slot] = (torch.count_nonzero(grad, dim=1) * mask).sum()
+        record.tied_rows_measured.add(key)
 
 
 def _columns(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -359,7 +394,9 @@ def _layer_stats(layers, per_param, rows, record) -> list[LayerStats]:
         has_matrix = any(param.dim() >= 2 for _, param in layer.params)
         # An embedding is judged on the rows the batch looked up, so a large
         # vocabulary does not look like vanishing or mostly-zero gradients.
-        looked_up = None if layer.sharers else rows.get(id(layer.module))
+        looked_up = rows.get(id(layer.module))
+        if layer.sharers and id(layer.module) not in record.tied_rows_measured:
+            looked_up = None  # the whole table's numbers: every row got the sharer's gradient
         l1 = measured = nonzero = counted = l2_squared = weight_squared = largest = 0.0
         numel, finite, got_any, unused = 0, True, False, []
         for pname, param in layer.params:

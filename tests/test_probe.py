@@ -656,3 +656,30 @@ def test_cuda_model_matches_cpu_and_leaves_both_rngs_untouched():
     # Dropout masks differ between the CPU and CUDA generators; the weight norms do not.
     for cpu_layer, gpu_layer in zip(on_cpu.layers, on_gpu.layers):
         assert gpu_layer.weight_norm == pytest.approx(cpu_layer.weight_norm, rel=1e-5)
+
+
+def test_a_tied_embedding_is_judged_on_the_rows_the_batch_looked_up():
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(1000, 8)
+            self.head = nn.Linear(8, 1000, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.embed(ids)))
+
+    torch.manual_seed(0)
+    model = TiedLM()
+    ids = torch.randint(0, 1000, (2, 5))
+    twin = copy.deepcopy(model).train()
+    (grad,) = torch.autograd.grad(twin(ids).sum(), [twin.embed.weight])
+    used = grad[torch.unique(ids)]
+
+    stats = probe(model, ids).layer("embed")
+
+    assert stats.shared_with == ["head"]
+    # The head gives every row a gradient; the mean still covers only the rows looked up.
+    assert stats.grad_mean_abs == pytest.approx(used.abs().mean().item(), rel=1e-5)
+    assert stats.grad_mean_abs > 2 * grad.abs().mean().item()
+    assert stats.zero_fraction == pytest.approx((used == 0).float().mean().item(), abs=1e-6)
