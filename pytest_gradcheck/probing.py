@@ -117,6 +117,8 @@ def _parameter_owners(named_modules: list[tuple[str, nn.Module]]) -> list[_Layer
     """Every module that directly owns a trainable parameter, in registration order."""
     owners = []
     for index, (name, module) in enumerate(named_modules):
+        if not module._parameters:
+            continue
         params = [
             (f"{name}.{key}" if name else key, param)
             for key, param in module._parameters.items()
@@ -308,74 +310,91 @@ def _restrict_tied_embeddings(columns, with_grad, grad_list, tied, record) -> No
 
 
 def _columns(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    """[l1, l2, linf, nonzero, weight_l2] of each parameter, as float32 vectors on the device."""
-    grad_l2 = torch.stack(_norms(grads, 2))
-    weight_l2 = torch.stack(_norms(weights, 2))
-    total, largest, nonzero = _magnitude_statistics(grads)
-    return [total, grad_l2, largest, nonzero, weight_l2]
+    """[l1, l2, linf, nonzero, weight_l2] of each parameter, as float32 vectors on the device.
+
+    Small tensors of one size are stacked into a matrix and reduced row by row: a
+    few kernels for a thousand layers, where per-tensor kernels would cost more than
+    the arithmetic. Large tensors are read in bounded pieces.
+    """
+    device = grads[0].device
+    columns = [torch.zeros(len(grads), device=device) for _ in range(5)]
+    same_size: dict[tuple, list[int]] = {}
+    large = []
+    for index, grad in enumerate(grads):
+        size = grad.numel()
+        if 0 < size <= _SMALL_TENSOR:
+            same_size.setdefault((size, grad.dtype, weights[index].dtype), []).append(index)
+        elif size:
+            large.append(index)
+    for (size, _, _), indices in same_size.items():
+        rows = max(1, _PIECE_ELEMENTS // size)
+        for start in range(0, len(indices), rows):
+            part = indices[start : start + rows]
+            _scatter(columns, part, _stacked_statistics([grads[i] for i in part], [weights[i] for i in part]))
+    if large:
+        _scatter(columns, large, _large_statistics([grads[i] for i in large], [weights[i] for i in large]))
+    return columns
 
 
-# |g| is taken into fresh tensors, never in place: autograd.grad may return a
-# tensor that user code holds (a gradient hook's, a custom Function's). Doing it
-# in pieces of at most this many elements (or 1/20 of all gradients) bounds the
-# extra memory, so the probe's peak stays that of the bare pass.
+# Tensors up to _SMALL_TENSOR elements are stacked, at most _PIECE_ELEMENTS at a time;
+# larger ones are read in pieces of at most _PIECE_ELEMENTS (or 1/20 of them all).
+# |g| always goes into fresh tensors, never in place: autograd.grad may return a
+# tensor that user code holds (a gradient hook's, a custom Function's). The pieces
+# bound the extra memory, so the probe's peak stays that of the bare pass.
+_SMALL_TENSOR = 1 << 14
 _PIECE_ELEMENTS = 1 << 16
 
 
-def _magnitude_statistics(grads: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """Sum, max and non-zero count of |g| per tensor, read in bounded pieces."""
-    budget = max(_PIECE_ELEMENTS, sum(g.numel() for g in grads) // 20)
-    owners, pieces, chunks = [], [], []
-    size = 0
-    for index, grad in enumerate(grads):
-        flat = grad.reshape(-1)
-        for piece in flat.split(budget) if flat.numel() > budget else (flat,):
-            if size + piece.numel() > budget and pieces:
-                chunks.append(_piece_statistics(pieces))
-                pieces, size = [], 0
-            owners.append(index)
-            pieces.append(piece)
-            size += piece.numel()
-    if pieces:
-        chunks.append(_piece_statistics(pieces))
-    device = grads[0].device
-    owner = torch.tensor(owners, device=device)
-    sums, maxima, counts = (torch.cat(column) for column in zip(*chunks))
-    if len(owners) == len(grads):  # one piece per tensor: nothing to combine
-        return sums, maxima, counts
-    zeros = torch.zeros(len(grads), device=device)
-    return (
-        zeros.index_add(0, owner, sums),
-        zeros.scatter_reduce(0, owner, maxima, "amax", include_self=False),
-        zeros.index_add(0, owner, counts),
-    )
+def _stacked_statistics(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    magnitude = torch.stack([grad.reshape(-1) for grad in grads]).abs_()  # a copy the probe owns
+    stacked_weights = torch.stack([weight.reshape(-1) for weight in weights])
+    return [
+        magnitude.sum(1, dtype=_accumulator(magnitude)),
+        torch.linalg.vector_norm(magnitude, 2, dim=1, dtype=_accumulator(magnitude)),
+        magnitude.amax(1),
+        torch.count_nonzero(magnitude, dim=1),
+        torch.linalg.vector_norm(stacked_weights, 2, dim=1, dtype=_accumulator(stacked_weights)),
+    ]
 
 
-def _piece_statistics(pieces: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    magnitudes = torch._foreach_abs(pieces)
-    maxima = torch.stack(_maxima(magnitudes)).float()
-    if len(magnitudes) > 8:  # many small tensors: fused calls beat a Python loop
-        sums = torch.stack(_norms(magnitudes, 1))
-        counts = torch.stack(_norms(magnitudes, 0))
-    else:  # a few large ones: plain reductions are several times faster than norm kernels on CPUs
-        sums = torch.stack([m.sum(dtype=torch.float32) for m in magnitudes])
-        counts = torch.stack([torch.count_nonzero(m) for m in magnitudes]).float()
-    return sums, maxima, counts
+def _accumulator(tensor: torch.Tensor) -> torch.dtype:
+    """float32 for half precision and float32; float64 stays (norms may not narrow)."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def _large_statistics(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    budget = max(_PIECE_ELEMENTS, sum(grad.numel() for grad in grads) // 20)
+    sums, maxima, counts = [], [], []
+    for grad in grads:
+        piece_sums, piece_maxima, piece_counts = [], [], []
+        for piece in grad.reshape(-1).split(budget):
+            magnitude = piece.abs()
+            # Plain reductions: several times faster than the norm kernels on CPUs.
+            piece_sums.append(magnitude.sum(dtype=_accumulator(magnitude)))
+            piece_maxima.append(magnitude.max().float())
+            piece_counts.append(torch.count_nonzero(magnitude))
+        sums.append(torch.stack(piece_sums).sum())
+        maxima.append(torch.stack(piece_maxima).max())
+        counts.append(torch.stack(piece_counts).sum().float())
+    return [
+        torch.stack(sums),
+        torch.stack(_norms(grads, 2)),
+        torch.stack(maxima),
+        torch.stack(counts),
+        torch.stack(_norms(weights, 2)),
+    ]
+
+
+def _scatter(columns: list[torch.Tensor], indices: list[int], values: list[torch.Tensor]) -> None:
+    where = torch.tensor(indices, device=columns[0].device)
+    for column, value in zip(columns, values):
+        column[where] = value.float()
 
 
 def _dense(grad: torch.Tensor) -> torch.Tensor:
     # A sparse embedding gradient holds only the looked-up rows: its values carry
     # every statistic (the implicit rows are zeros, counted via the row count).
     return grad.coalesce().values() if grad.is_sparse else grad
-
-
-def _maxima(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    if hasattr(torch, "_foreach_max") and all(t.numel() for t in tensors):
-        try:
-            return list(torch._foreach_max(tensors))
-        except RuntimeError:
-            pass
-    return [t.amax() if t.numel() else t.new_zeros(()) for t in tensors]
 
 
 def _norms(tensors: list[torch.Tensor], order: float) -> list[torch.Tensor]:
