@@ -314,7 +314,7 @@ def _columns(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> list[tor
 
     Small tensors of one size are stacked into a matrix and reduced row by row: a
     few kernels for a thousand layers, where per-tensor kernels would cost more than
-    the arithmetic. Large tensors are read in bounded pieces.
+    the arithmetic. Large tensors are reduced one by one, without copies.
     """
     device = grads[0].device
     columns = [torch.zeros(len(grads), device=device) for _ in range(5)]
@@ -336,11 +336,10 @@ def _columns(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> list[tor
     return columns
 
 
-# Tensors up to _SMALL_TENSOR elements are stacked, at most _PIECE_ELEMENTS at a time;
-# larger ones are read in pieces of at most _PIECE_ELEMENTS (or 1/20 of them all).
-# |g| always goes into fresh tensors, never in place: autograd.grad may return a
-# tensor that user code holds (a gradient hook's, a custom Function's). The pieces
-# bound the extra memory, so the probe's peak stays that of the bare pass.
+# Tensors up to _SMALL_TENSOR elements are stacked into copies of at most
+# _PIECE_ELEMENTS elements, which bounds the extra memory; |g| is taken in place on
+# those copies only. A gradient itself is never written to: autograd.grad may return
+# a tensor that user code holds (a gradient hook's, a custom Function's).
 _SMALL_TENSOR = 1 << 14
 _PIECE_ELEMENTS = 1 << 16
 
@@ -363,19 +362,13 @@ def _accumulator(tensor: torch.Tensor) -> torch.dtype:
 
 
 def _large_statistics(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    budget = max(_PIECE_ELEMENTS, sum(grad.numel() for grad in grads) // 20)
     sums, maxima, counts = [], [], []
     for grad in grads:
-        piece_sums, piece_maxima, piece_counts = [], [], []
-        for piece in grad.reshape(-1).split(budget):
-            magnitude = piece.abs()
-            # Plain reductions: several times faster than the norm kernels on CPUs.
-            piece_sums.append(magnitude.sum(dtype=_accumulator(magnitude)))
-            piece_maxima.append(magnitude.max().float())
-            piece_counts.append(torch.count_nonzero(magnitude))
-        sums.append(torch.stack(piece_sums).sum())
-        maxima.append(torch.stack(piece_maxima).max())
-        counts.append(torch.stack(piece_counts).sum().float())
+        # Each reads the gradient once and writes nothing: no copy of |g| is made.
+        sums.append(torch.linalg.vector_norm(grad, 1, dtype=_accumulator(grad)))
+        low, high = torch.aminmax(grad)
+        maxima.append(torch.maximum(-low, high))
+        counts.append(torch.count_nonzero(grad))
     return [
         torch.stack(sums),
         torch.stack(_norms(grads, 2)),
