@@ -148,7 +148,6 @@ class _Record:
         self.by_name: dict[str, nn.Module] = {}
         self.lookups: dict[int, list[torch.Tensor]] = {}
         self.embedding_rows: dict[int, torch.Tensor] = {}
-        self.embedding_masks: dict[int, torch.Tensor] = {}
         # Tied embeddings whose sum and non-zero count were taken over the looked-up rows.
         self.tied_rows_measured: set[int] = set()
 
@@ -202,18 +201,16 @@ def _recorder(named_modules: list[tuple[str, nn.Module]], candidates: list[_Laye
     for name in owners:
         module = record.by_name[name]
         if id(module) in record.lookups:
-            mask = _rows_used(module, record.lookups[id(module)])
-            record.embedding_masks[id(module)] = mask
-            record.embedding_rows[id(module)] = mask.sum()
+            record.embedding_rows[id(module)] = _rows_used(module, record.lookups[id(module)])
 
 
 def _rows_used(embedding: nn.Embedding, lookups: list[torch.Tensor]) -> torch.Tensor:
-    """Which rows the batch looked up, as a mask kept on the device (no host sync)."""
+    """How many distinct rows the batch looked up, kept on the device (no host sync)."""
     weight = embedding.weight
     seen = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
     for lookup in lookups:
         seen[lookup.reshape(-1)] = True
-    return seen
+    return seen.sum()
 
 
 def _assign_owners(candidates: list[_Layer], record: _Record) -> list[_Layer]:
@@ -281,13 +278,13 @@ def _statistics(layers: list[_Layer], grads, record: _Record, loss: torch.Tensor
     return per_param, rows, loss_value
 
 
-def _tied_embedding_weights(layers: list[_Layer], record: _Record) -> dict[int, int]:
-    """Parameter index -> module id, for embedding tables tied to another module."""
+def _tied_embedding_weights(layers: list[_Layer], record: _Record) -> dict[int, tuple[int, torch.Size]]:
+    """Parameter index -> (module id, table shape), for embedding tables tied to another module."""
     tied, index = {}, 0
     for layer in layers:
         for _, param in layer.params:
-            if layer.sharers and id(layer.module) in record.embedding_masks and param is layer.module.weight:
-                tied[index] = id(layer.module)
+            if layer.sharers and id(layer.module) in record.lookups and param is layer.module.weight:
+                tied[index] = (id(layer.module), param.shape)
             index += 1
     return tied
 
@@ -299,13 +296,20 @@ def _restrict_tied_embeddings(columns, with_grad, grad_list, tied, record) -> No
     a 50,000-word vocabulary, the looked-up rows would vanish among the rest.
     """
     for slot, index in enumerate(with_grad):
-        key = tied.get(index)
-        grad = grad_list[slot]
-        if key is None or grad.dim() != 2 or grad.shape[0] != record.embedding_masks[key].shape[0]:
+        if index not in tied:
             continue
-        mask = record.embedding_masks[key]
-        columns[0][slot] = (torch.linalg.vector_norm(grad, 1, dim=1, dtype=torch.float32) * mask).sum()
-        columns[3][slot] = (torch.count_nonzero(grad, dim=1) * mask).sum()
+        key, shape = tied[index]
+        grad = grad_list[slot]
+        if grad.shape != shape:  # a sparse gradient's values: only the looked-up rows anyway
+            continue
+        # Gather one row per lookup (a few hundred, not the whole table) and count each
+        # distinct row once; sorting instead of torch.unique keeps CUDA free of a sync.
+        ids = torch.cat([lookup.reshape(-1) for lookup in record.lookups[key]]).sort().values
+        first = torch.ones_like(ids, dtype=torch.bool)
+        first[1:] = ids[1:] != ids[:-1]
+        rows = grad.index_select(0, ids)
+        columns[0][slot] = (rows.abs().sum(1, dtype=_accumulator(rows)) * first).sum()
+        columns[3][slot] = (torch.count_nonzero(rows, dim=1) * first).sum()
         record.tied_rows_measured.add(key)
 
 
