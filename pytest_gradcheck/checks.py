@@ -130,41 +130,43 @@ def _unused_findings(profile: GradientProfile, bounds: Bounds) -> list[Finding]:
 
 def _dead_relu_findings(profile: GradientProfile, bounds: Bounds) -> list[Finding]:
     """Opt-in: ReLU sites where at least ``dead_relu`` of the units are zero for the whole batch."""
-    if bounds.dead_relu is None:
-        return []
-    if profile.activations is None:
-        return [_not_measured("dead_relu")]
-    sites = [s for s in profile.activations.sites if s.dead_share is not None and s.dead_share >= bounds.dead_relu]
-    if not sites:
-        return []
-    worst = max(sites, key=lambda s: s.dead_share)
-    places = ", ".join(f"{s.dead_share:.0%} {s.where} ({s.call})" for s in sites)
-    message = (
-        f"dead ReLUs: {len(sites)} activation site(s) have at least dead_relu {bounds.dead_relu:.0%} of their "
-        f"units zero for every sample in the batch: {places}"
+    return _activation_rule(
+        profile, "dead_relu", bounds.dead_relu, "dead_share",
+        # From the threshold up, as in DeepDiagnosis.
+        lambda share, limit: share >= limit,
+        "dead ReLUs: {count} activation site(s) have at least dead_relu {limit:.0%} of their units "
+        "zero for every sample in the batch: {places}",
     )
-    return [Finding("dead_relu", _after_layers(sites), message, True, worst.dead_share, bounds.dead_relu)]
 
 
 def _saturation_findings(profile: GradientProfile, bounds: Bounds) -> list[Finding]:
     """Opt-in: sigmoid/tanh sites where more than ``saturation`` of the inputs have |x| >= 5."""
-    if bounds.saturation is None:
+    return _activation_rule(
+        profile, "saturation", bounds.saturation, "saturated_share",
+        # Strictly above, as in DeepDiagnosis.
+        lambda share, limit: share > limit,
+        "saturated activations: {count} sigmoid/tanh site(s) have more than saturation {limit:.0%} "
+        "of their inputs at |x| >= 5: {places}",
+    )
+
+
+def _activation_rule(profile, rule, limit, share_field, crosses, template) -> list[Finding]:
+    """One finding listing every activation site whose ``share_field`` crosses ``limit``."""
+    if limit is None:
         return []
     if profile.activations is None:
-        return [_not_measured("saturation")]
+        return [_not_measured(rule)]
     sites = [
-        # Strictly above, as in DeepDiagnosis; dead_relu counts from the threshold up, as it does.
-        s for s in profile.activations.sites if s.saturated_share is not None and s.saturated_share > bounds.saturation
+        site
+        for site in profile.activations.sites
+        if getattr(site, share_field) is not None and crosses(getattr(site, share_field), limit)
     ]
     if not sites:
         return []
-    worst = max(sites, key=lambda s: s.saturated_share)
-    places = ", ".join(f"{s.saturated_share:.0%} {s.where} ({s.call})" for s in sites)
-    message = (
-        f"saturated activations: {len(sites)} sigmoid/tanh site(s) have more than saturation "
-        f"{bounds.saturation:.0%} of their inputs at |x| >= 5: {places}"
-    )
-    return [Finding("saturation", _after_layers(sites), message, True, worst.saturated_share, bounds.saturation)]
+    worst = max(sites, key=lambda site: getattr(site, share_field))
+    places = ", ".join(f"{getattr(site, share_field):.0%} {site.where} ({site.call})" for site in sites)
+    message = template.format(count=len(sites), limit=limit, places=places)
+    return [Finding(rule, _after_layers(sites), message, True, getattr(worst, share_field), limit)]
 
 
 def _after_layers(sites) -> list[str]:
