@@ -25,6 +25,7 @@ def assess(
     fires or the dead_relu or saturation rule is on; True always; False never. When it runs,
     ``profile.activations`` holds its numbers and those findings carry ranked ``causes``.
     """
+    __tracebackhide__ = True
     from pytest_gradcheck.probing import probe  # torch is imported here, never at plugin load
 
     profile = probe(model, inputs, loss_fn=loss_fn, seed=seed)

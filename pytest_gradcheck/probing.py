@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -59,6 +61,7 @@ def probe(
     The model is left exactly as it was: parameters, buffers, ``.grad`` tensors,
     ``requires_grad`` flags, train/eval modes, hooks and the global RNG state.
     """
+    __tracebackhide__ = True
     if not isinstance(model, nn.Module):
         raise ProbeError(
             f"probe() needs a torch.nn.Module, got {type(model).__name__}; "
@@ -130,14 +133,27 @@ def _parameter_owners(named_modules: list[tuple[str, nn.Module]]) -> list[_Layer
 
 
 def _forward(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    __tracebackhide__ = True  # pytest shows the test's line, not this frame
     try:
         return model(*args, **kwargs)
     except Exception as error:
         shapes = ", ".join(model_io.describe(args, kwargs)) or "no arguments"
+        # Said in one message, without torch's internal frames: the place in the user's
+        # code where it broke is named, and the chained traceback is left out.
         raise ProbeError(
-            f"{type(model).__name__}.forward failed on the probe inputs ({shapes}): "
+            f"{type(model).__name__}.forward failed on the probe inputs ({shapes}){_user_frame(error)}: "
             f"{type(error).__name__}: {error}. Pass inputs= that fit the model's forward()"
-        ) from error
+        ) from None
+
+
+def _user_frame(error: BaseException) -> str:
+    """' at file:line (function)' of the innermost frame in the user's code, or ''."""
+    skipped = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith(skipped)]
+    if not frames:  # it broke inside torch's own modules: the message says enough
+        return ""
+    frame = frames[-1]
+    return f" at {os.path.basename(frame.filename)}:{frame.lineno} ({frame.name})"
 
 
 class _Record:

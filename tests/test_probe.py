@@ -683,3 +683,21 @@ def test_a_tied_embedding_is_judged_on_the_rows_the_batch_looked_up():
     assert stats.grad_mean_abs == pytest.approx(used.abs().mean().item(), rel=1e-5)
     assert stats.grad_mean_abs > 2 * grad.abs().mean().item()
     assert stats.zero_fraction == pytest.approx((used == 0).float().mean().item(), abs=1e-6)
+
+
+def test_a_forward_that_raises_is_named_at_the_users_line_without_torch_frames():
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            raise KeyError("no such feature")
+
+    with pytest.raises(ProbeError) as caught:
+        probe(Broken(), torch.randn(3, 4))
+
+    message = str(caught.value)
+    assert message.startswith("Broken.forward failed on the probe inputs (float32[3, 4]) at test_probe.py:")
+    assert "(forward): KeyError: 'no such feature'" in message
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
