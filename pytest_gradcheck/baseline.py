@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pytest_gradcheck.errors import BaselineFileError
-from pytest_gradcheck.files import BASELINE_DIR, baseline_dir, write_atomically
+from pytest_gradcheck.files import baseline_dir, safe_name, write_atomically
 from pytest_gradcheck.profile import GradientProfile, LayerStats
 
 SCHEMA_VERSION = 1
@@ -24,9 +22,6 @@ SIGNIFICANT_DIGITS = 4
 DEFAULT_TOLERANCE = 2.0
 
 _FLOAT_LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerStats) if f.type == "float")
-# What a file name may hold as is; anything else becomes "_" plus a hash of the original.
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.,=+\-\[\]]")
-_MAX_STEM = 120
 
 
 # -- where baselines live ----------------------------------------------------------
@@ -39,19 +34,10 @@ def baseline_path(test_module: Path, nodeid: str, name: str | None = None) -> Pa
     ``tests/__gradcheck__/test_m/TestNet.test_fit[cpu-2].encoder.json``.
     """
     test_part = ".".join(nodeid.split("::")[1:]) or Path(test_module).stem
-    stem = _safe(test_part)
+    stem = safe_name(test_part)
     if name:
-        stem += "." + _safe(str(name))
+        stem += "." + safe_name(str(name))
     return baseline_dir(test_module) / f"{stem}.json"
-
-
-def _safe(text: str) -> str:
-    """``text`` as a portable file-name part; altered or long names get a hash so they stay unique."""
-    cleaned = _UNSAFE.sub("_", text).strip(".")
-    if cleaned == text and len(text) <= _MAX_STEM:
-        return text
-    digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
-    return f"{cleaned[:_MAX_STEM]}-{digest}"
 
 
 # -- the file format ---------------------------------------------------------------

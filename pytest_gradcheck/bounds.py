@@ -142,3 +142,15 @@ def _validate(bounds: Bounds) -> None:
             f"gradcheck: min_ratio={low} is above max_ratio={high}; no model could pass. "
             "Lower min_ratio or raise max_ratio."
         )
+
+
+# The pytest option (--grad-*, ini grad_*) of each bound, with its help: (bound, flag, help).
+# The command line uses the same table, without the "grad-" prefix.
+BOUND_OPTIONS = (
+    ("min_ratio", "--grad-min-ratio", "fail when first/last mean |grad| falls below this (or 'off')"),
+    ("max_ratio", "--grad-max-ratio", "fail when first/last mean |grad| rises above this (or 'off')"),
+    ("max_grad", "--grad-max-grad", "fail when any |grad| exceeds this absolute value (default: off)"),
+    ("fail_on_unused", "--grad-fail-on-unused", "fail when trainable parameters get no gradient (true/false)"),
+    ("dead_relu", "--grad-dead-relu", "fail when this share of a ReLU's units is dead ('on' = 0.7, default: off)"),
+    ("saturation", "--grad-saturation", "fail when this share of sigmoid/tanh inputs has |x| >= 5 ('on' = 0.5, default: off)"),
+)

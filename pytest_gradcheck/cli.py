@@ -8,7 +8,7 @@ from typing import Sequence
 
 from pytest_gradcheck import bounds as bounds_mod
 from pytest_gradcheck.baseline import DEFAULT_TOLERANCE
-from pytest_gradcheck.plugin import _BOUND_OPTIONS as BOUND_OPTIONS  # one table: a new bound gets both flags
+from pytest_gradcheck.bounds import BOUND_OPTIONS  # one table: a new bound gets both flags
 
 EXIT_HEALTHY, EXIT_FAILING, EXIT_USAGE = 0, 1, 2
 FORMATS = ("table", "markdown", "json")

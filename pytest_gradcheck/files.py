@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -41,3 +43,18 @@ def baseline_dir(test_module: Path) -> Path:
     """The folder that holds the baselines of one test module: ``__gradcheck__/<module>/``."""
     test_module = Path(test_module)
     return test_module.parent / BASELINE_DIR / test_module.stem
+
+
+# What a file name may hold as is; anything else becomes "_" plus a hash of the original.
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.,=+\-\[\]]")
+_MAX_STEM = 120
+
+
+def safe_name(text: str) -> str:
+    """``text`` as a portable file-name part; altered or long names get a hash so they stay unique."""
+    cleaned = _UNSAFE.sub("_", text).strip(".")
+    if cleaned == text and len(text) <= _MAX_STEM:
+        return text
+    digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+    return f"{cleaned[:_MAX_STEM]}-{digest}"
+

@@ -11,6 +11,7 @@ from typing import Iterable
 
 from pytest_gradcheck.bounds import Bounds
 from pytest_gradcheck.checks import CheckResult, Finding, failing, verdict
+from pytest_gradcheck.files import safe_name
 from pytest_gradcheck.profile import GradientProfile
 
 INSTALL = 'pip install "pytest-gradcheck[plot]"'
@@ -238,12 +239,11 @@ def plot_filename(nodeid: str, name: str | None = None, index: int = 0, suffix: 
     """A filesystem-safe file name from a test's node id, e.g. 'tests.test_x--test_y[a-1].png'."""
     path, _, rest = nodeid.partition("::")
     path = re.sub(r"\.py$", "", path).replace("/", ".").replace("\\", ".")
-    stem = "--".join(part for part in [path, *rest.split("::")] if part)
-    if name:
-        stem += f"--{name}"
+    parts = [path, *rest.split("::"), name or ""]
+    # The same rule as the baseline files: an altered part gets a hash, so ids never collide.
+    stem = "--".join(safe_name(part) for part in parts if part) or "gradcheck"
     if index:
         stem += f"-{index + 1}"
-    stem = re.sub(r"[^A-Za-z0-9._\-\[\]]+", "_", stem).strip("._") or "gradcheck"
     if len(stem) > FILENAME_LIMIT:  # keep it unique: a short hash of the full id replaces the middle
         digest = hashlib.sha1(stem.encode()).hexdigest()[:10]
         stem = f"{stem[:FILENAME_LIMIT - 40]}~{digest}~{stem[-28:]}"

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from pytest_gradcheck import bounds as bounds_mod
+from pytest_gradcheck.bounds import BOUND_OPTIONS
 from pytest_gradcheck.baseline_session import BaselineSession, baseline_settings, check_baseline, split_marker_kwargs
 
 if TYPE_CHECKING:
@@ -21,17 +22,6 @@ PENDING_KEY = pytest.StashKey[list]()
 MARKER = "gradient_health"
 DEFAULT_MAX_ROWS = 40
 
-# Command-line options and ini keys for each bound: (bound, flag, help).
-_BOUND_OPTIONS = (
-    ("min_ratio", "--grad-min-ratio", "fail when first/last mean |grad| falls below this (or 'off')"),
-    ("max_ratio", "--grad-max-ratio", "fail when first/last mean |grad| rises above this (or 'off')"),
-    ("max_grad", "--grad-max-grad", "fail when any |grad| exceeds this absolute value (default: off)"),
-    ("fail_on_unused", "--grad-fail-on-unused", "fail when trainable parameters get no gradient (true/false)"),
-    ("dead_relu", "--grad-dead-relu", "fail when this share of a ReLU's units is dead ('on' = 0.7, default: off)"),
-    ("saturation", "--grad-saturation", "fail when this share of sigmoid/tanh inputs has |x| >= 5 ('on' = 0.5, default: off)"),
-)
-
-
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("gradcheck", "gradient health checks (pytest-gradcheck)")
     group.addoption(
@@ -41,7 +31,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="print a per-layer gradient table for every model probed by gradient_health",
     )
-    for name, flag, text in _BOUND_OPTIONS:
+    for name, flag, text in BOUND_OPTIONS:
         group.addoption(flag, dest=f"grad_{name}", default=None, metavar="VALUE", help=text)
         parser.addini(f"grad_{name}", text, type="string", default="")
     group.addoption(
@@ -107,11 +97,18 @@ def pytest_configure(config: pytest.Config) -> None:
         "saturation=None, baseline=None, tolerance=None): "
         "bounds and baseline settings for the gradient_health fixture in this test (pytest-gradcheck)",
     )
+    # A typo in pyproject.toml or on the command line stops the run at once, naming
+    # the setting, instead of failing every test that uses the fixture.
+    ini_layer, cli_layer = session_bounds(config)
+    for where, layer in ((lambda name: f"ini option grad_{name}", ini_layer), (_flag_of, cli_layer)):
+        for name, value in layer.items():
+            try:
+                bounds_mod.parse_bound(name, value)
+            except ValueError as error:
+                raise pytest.UsageError(f"{where(name)}: {error}") from None
     try:
-        bounds_mod.resolve(*session_bounds(config))
-    except (TypeError, ValueError) as error:
-        # A typo in pyproject.toml or on the command line stops the run at once,
-        # instead of failing every test that uses the fixture.
+        bounds_mod.resolve(ini_layer, cli_layer)
+    except ValueError as error:  # each fine alone, contradictory together (min above max)
         raise pytest.UsageError(str(error)) from None
     session = GradcheckSession(config)
     config.stash[SESSION_KEY] = session
@@ -129,10 +126,14 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         config.pluginmanager.unregister(session)
 
 
+def _flag_of(name: str) -> str:
+    return next(flag for bound, flag, _ in BOUND_OPTIONS if bound == name)
+
+
 def session_bounds(config: pytest.Config) -> tuple[dict, dict]:
     """The ini and command-line layers of the bounds, holding only what was set."""
     ini_layer, cli_layer = {}, {}
-    for name, _, _ in _BOUND_OPTIONS:
+    for name, _, _ in BOUND_OPTIONS:
         ini_value = config.getini(f"grad_{name}")
         if ini_value != "":
             ini_layer[name] = ini_value
@@ -150,7 +151,7 @@ def plugin_in_use(config: pytest.Config) -> bool:
         for dest, value in vars(config.option).items()
         if dest.startswith("grad_") and value is not None and value is not False and value != []
     ]
-    ini_names = [f"grad_{name}" for name, _, _ in _BOUND_OPTIONS] + ["grad_report_max_rows"]
+    ini_names = [f"grad_{name}" for name, _, _ in BOUND_OPTIONS] + ["grad_report_max_rows"]
     return bool(given) or any(config.getini(name) != "" for name in ini_names)
 
 
@@ -338,7 +339,10 @@ class GradPlotWriter:
         except PlotUnavailable as error:
             raise pytest.UsageError(f"--grad-plot: {error}") from None
         self.directory = config.invocation_params.dir / config.getoption("grad_plot")
+        if self.directory.exists() and not self.directory.is_dir():
+            raise pytest.UsageError(f"--grad-plot: {self.directory} exists and is not a folder; name a folder")
         self.written: list = []
+        self.errors: list[str] = []
 
     def pytest_runtest_logreport(self, report) -> None:
         records = getattr(report, "gradcheck", None)
@@ -346,8 +350,13 @@ class GradPlotWriter:
             from pytest_gradcheck.checks import CheckResult
             from pytest_gradcheck.plot import save_result_plots
 
-            self.written += save_result_plots([CheckResult.from_dict(r) for r in records], self.directory)
+            try:
+                self.written += save_result_plots([CheckResult.from_dict(r) for r in records], self.directory)
+            except OSError as error:  # a full disk or a read-only folder costs the charts, not the run
+                self.errors.append(f"gradcheck: could not write a gradient-flow plot to {self.directory}: {error}")
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         if self.written:
             terminalreporter.write_line(f"gradcheck: wrote {len(self.written)} gradient-flow plot(s) to {self.directory}")
+        for line in dict.fromkeys(self.errors):
+            terminalreporter.write_line(line, red=True)

@@ -163,6 +163,7 @@ def render_table(
     findings: list[Finding],
     title: str | None = None,
     max_rows: int | None = None,
+    failing_shown_above: bool = False,
 ) -> str:
     """The per-layer table with a heading line and the findings below it.
 
@@ -183,7 +184,8 @@ def render_table(
             "0 shows all); the report files hold every layer"
         )
     for finding in findings:
-        lines += finding_lines(finding)
+        if not (failing_shown_above and finding.failing):
+            lines += finding_lines(finding)
     return "\n".join(lines)
 
 
@@ -193,7 +195,8 @@ def render_failure(profile: GradientProfile, findings: list[Finding], max_rows: 
     head = [f"gradient health check failed for {profile.model}:"]
     for finding in bad:
         head += [f"  {finding.rule}: {finding.message}"] + cause_lines(finding)
-    return "\n".join(head) + "\n\n" + render_table(profile, findings, max_rows=max_rows)
+    table = render_table(profile, findings, max_rows=max_rows, failing_shown_above=True)
+    return "\n".join(head) + "\n\n" + table
 
 
 def render_session(results: list[CheckResult], max_rows: int | None = None) -> str:

@@ -14,6 +14,7 @@ pytest.importorskip("matplotlib")
 from pytest_gradcheck.bounds import Bounds  # noqa: E402
 from pytest_gradcheck.checks import check  # noqa: E402
 from pytest_gradcheck.cli import EXIT_FAILING, EXIT_USAGE, main  # noqa: E402
+from pytest_gradcheck.files import safe_name  # noqa: E402
 from pytest_gradcheck.plot import (  # noqa: E402
     DPI,
     LABEL_LIMIT,
@@ -112,12 +113,16 @@ def test_short_label_keeps_the_head_and_the_most_specific_tail():
 
 
 def test_plot_filename_is_filesystem_safe_and_follows_the_node_id():
-    assert plot_filename("tests/test_net.py::TestNet::test_fit[cpu-a/b]") == "tests.test_net--TestNet--test_fit[cpu-a_b].png"
+    assert plot_filename("tests/test_net.py::TestNet::test_fit[cpu-a-b]") == "tests.test_net--TestNet--test_fit[cpu-a-b].png"
+    # Ids that differ only in characters a file name cannot hold still get their own files.
+    unsafe = [plot_filename(f"t.py::test[a{sep}b]") for sep in "/: "]
+    assert len(set(unsafe)) == 3
+    assert all(re.fullmatch(r"t--test\[a_b\]-[0-9a-f]{8}\.png", name) for name in unsafe)
     assert plot_filename("test_net.py::test_fit", name="encoder", index=1, suffix=".svg") == "test_net--test_fit--encoder-2.svg"
     long_ids = [f"tests/test_x.py::test_y[{'p' * 300}{i}]" for i in range(2)]
     names = [plot_filename(nodeid) for nodeid in long_ids]
     assert names[0] != names[1]
-    assert all(len(name) < 200 and re.fullmatch(r"[A-Za-z0-9._\-\[\]~]+", name) for name in names)
+    assert all(len(name) < 200 and re.fullmatch(r"[A-Za-z0-9._,=+\-\[\]~]+", name) for name in names)
 
 
 def test_cli_plot_writes_the_chart_and_keeps_the_exit_code(tmp_path, capsys, monkeypatch):
@@ -163,11 +168,12 @@ def test_twice(gradient_health, tag):
 def test_not_probed():
     assert True
 """
+TWICE = safe_name("test_twice[a/b]")  # the "/" is replaced, so the name carries a hash
 EXPECTED_PLOTS = {
     "test_probed--test_healthy.png",
-    "test_probed--test_twice[a_b]--encoder.png",
-    "test_probed--test_twice[a_b].png",
-    "test_probed--test_twice[a_b]-2.png",
+    f"test_probed--{TWICE}--encoder.png",
+    f"test_probed--{TWICE}.png",
+    f"test_probed--{TWICE}-2.png",
 }
 
 
@@ -188,6 +194,16 @@ def test_grad_plot_under_xdist(pytester):
     result = pytester.runpytest_subprocess("-n", "2", "--grad-plot", "plots", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=3)
     written = {path.name for path in (pytester.path / "plots").iterdir()}
-    assert written == {"test_probed--test_healthy.png", "test_probed--test_twice[a_b]--encoder.png"}
+    assert written == {"test_probed--test_healthy.png", f"test_probed--{TWICE}--encoder.png"}
     result.stdout.fnmatch_lines(["gradcheck: wrote 2 gradient-flow plot(s) to *plots"])
 
+
+
+def test_grad_plot_naming_a_file_is_a_usage_error(pytester):
+    pytester.makepyfile(test_nothing="def test_nothing(): pass")
+    (pytester.path / "charts").write_text("not a folder")
+
+    result = pytester.runpytest("--grad-plot", "charts")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--grad-plot: *charts exists and is not a folder*"])

@@ -267,7 +267,7 @@ def test_a_bad_bound_stops_the_run_with_a_usage_error(pytester):
     result = pytester.runpytest()
 
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*max_ratio must be a number or 'off', got 'lots'*"])
+    result.stderr.fnmatch_lines(["*ini option grad_max_ratio: *max_ratio must be a number or 'off', got 'lots'*"])
 
 
 def test_positional_marker_arguments_are_an_error(pytester):

@@ -218,3 +218,17 @@ def test_junit_properties_name_the_ratio_and_the_verdict():
 
     assert report.junit_properties(result_for(vanishing)) == [("grad_ratio", "1e-06"), ("grad_verdict", "vanishing")]
     assert report.junit_properties(result_for(single)) == [("grad_ratio", "n/a"), ("grad_verdict", "healthy")]
+
+
+def test_a_failure_message_states_each_failing_finding_once_and_keeps_the_notes():
+    profile = GradientProfile(
+        model="Net",
+        layers=[layer("fc1", 1e-4), layer("fc2", 1.0), layer("spare", 0.0, received_grad=False, unused_parameters=["spare.w"])],
+        loss=1.0,
+    )
+    findings = check(profile, Bounds())
+
+    message = report.render_failure(profile, findings)
+
+    assert message.count("vanishing gradients: first/last ratio") == 1
+    assert "note unused: unused parameters: 1 trainable parameter(s) got no gradient (spare.w)" in message
