@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 from pytest_gradcheck import inputs as model_io
 from pytest_gradcheck.errors import ProbeError
-from pytest_gradcheck.probing import _forward, _is_norm, _isolated, _norms, unwrap
+from pytest_gradcheck.probing import float32_norms, is_norm_layer, isolated, run_forward, unwrap
 from pytest_gradcheck.profile import ActivationProfile, ActivationStats, InitScale
 
 # DeepDiagnosis (Wardat et al., ICSE 2022) counts a sigmoid/tanh input with |x| >= 5 as saturated.
@@ -77,14 +77,14 @@ def measure(model: nn.Module, inputs: Any = None, *, seed: int = 0) -> Activatio
         raise ProbeError(f"measure() needs a torch.nn.Module, got {type(model).__name__}")
     model = unwrap(model)
     tracker = _Tracker(model)
-    with _isolated(model, seed), torch.enable_grad():
+    with isolated(model, seed), torch.enable_grad():
         if inputs is None:
             inputs = model_io.infer_inputs(model)
         args, kwargs = model_io.as_call_arguments(inputs)
         for tensor in model_io.tensors_in((args, kwargs), max_depth=4):
             tracker.tag(tensor, 0, 0)
         with tracker.hooks(), tracker:
-            output = _forward(model, args, kwargs)
+            output = run_forward(model, args, kwargs)
         chain = tracker.chain(output)
         del output
         return tracker.profile(chain)
@@ -235,7 +235,7 @@ class _Tracker(TorchFunctionMode):
             for name, module in self.model.named_modules():
                 if any(p.requires_grad for p in module.parameters(recurse=False)):
                     handles.append(module.register_forward_pre_hook(self._layer_started(name, module)))
-                if _is_norm(module):
+                if is_norm_layer(module):
                     handles.append(module.register_forward_pre_hook(self._norm_started(name)))
                     handles.append(module.register_forward_hook(self._norm_done))
                 function = _module_function(module)
@@ -249,7 +249,7 @@ class _Tracker(TorchFunctionMode):
                 handle.remove()
 
     def _layer_started(self, name: str, module: nn.Module):
-        is_norm = _is_norm(module)
+        is_norm = is_norm_layer(module)
 
         def hook(module, args):
             self.after = name
@@ -297,7 +297,7 @@ class _Tracker(TorchFunctionMode):
         rows = [row for site in self.sites.values() for row in site.rows]
         # One fused L2 pass and one sum per matrix: half the time of Tensor.std on large models.
         matrices = [param.detach() for _, _, param in weights]
-        squares = _norms(matrices, 2) if matrices else []
+        squares = float32_norms(matrices, 2) if matrices else []
         sums = [matrix.sum(dtype=torch.float32) for matrix in matrices]
         values = _to_host(rows + squares + sums)
         sites, position = [], 0
@@ -324,7 +324,7 @@ class _Tracker(TorchFunctionMode):
         """Weight matrices of the layers that ran (embeddings and norms have no fan-in reference)."""
         weights, seen = [], set()
         for name, module in self.model.named_modules():
-            if name not in self.calls or _is_norm(module) or isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            if name not in self.calls or is_norm_layer(module) or isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
                 continue
             for pname, param in module.named_parameters(recurse=False):
                 if param.requires_grad and param.dim() >= 2 and id(param) not in seen:

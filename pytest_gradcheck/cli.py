@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     baselines.add_argument("--baseline", metavar="FILE",
                            help="compare each layer's mean |grad| with a baseline file; a change beyond --tolerance exits 1")
     baselines.add_argument("--save-baseline", metavar="FILE",
-                           help="write this run's profile as a baseline file (the format pytest --grad-baseline uses)")
+                           help="write this run's profile as a baseline file (the format of the pytest baselines, see --grad-baseline-update)")
     baselines.add_argument("--tolerance", metavar="FACTOR", default=None,
                            help="factor a layer's mean |grad| may move from --baseline, either way "
                                 f"(default {DEFAULT_TOLERANCE:g}, as for pytest; 1.1 allows 10%%)")

@@ -85,12 +85,12 @@ def probe(
             f"no values (first: {on_meta[0]}); materialize the model before probing, e.g. "
             "model.to_empty(device='cpu') and then initialise or load the weights"
         )
-    with _isolated(model, seed), torch.enable_grad():
+    with isolated(model, seed), torch.enable_grad():
         if inputs is None:
             inputs = model_io.infer_inputs(model)
         args, kwargs = model_io.as_call_arguments(inputs)
         with _recorder(named_modules, candidates) as record:
-            output = _forward(model, args, kwargs)
+            output = run_forward(model, args, kwargs)
         loss = model_io.loss_of(output, loss_fn, model_name)
         layers = _assign_owners(candidates, record)
         params = [param for layer in layers for _, param in layer.params]
@@ -132,7 +132,7 @@ def _parameter_owners(named_modules: list[tuple[str, nn.Module]]) -> list[_Layer
     return owners
 
 
-def _forward(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+def run_forward(model: nn.Module, args: tuple, kwargs: dict) -> Any:
     __tracebackhide__ = True  # pytest shows the test's line, not this frame
     try:
         return model(*args, **kwargs)
@@ -391,10 +391,10 @@ def _large_statistics(grads: list[torch.Tensor], weights: list[torch.Tensor]) ->
         counts.append(torch.count_nonzero(grad))
     return [
         torch.stack(sums),
-        torch.stack(_norms(grads, 2)),
+        torch.stack(float32_norms(grads, 2)),
         torch.stack(maxima),
         torch.stack(counts),
-        torch.stack(_norms(weights, 2)),
+        torch.stack(float32_norms(weights, 2)),
     ]
 
 
@@ -410,7 +410,7 @@ def _dense(grad: torch.Tensor) -> torch.Tensor:
     return grad.coalesce().values() if grad.is_sparse else grad
 
 
-def _norms(tensors: list[torch.Tensor], order: float) -> list[torch.Tensor]:
+def float32_norms(tensors: list[torch.Tensor], order: float) -> list[torch.Tensor]:
     """Fused per-tensor norms in float32 (one kernel launch per device and dtype)."""
     try:
         return list(torch._foreach_norm(tensors, order, dtype=torch.float32))
@@ -462,7 +462,7 @@ def _layer_stats(layers, per_param, rows, record) -> list[LayerStats]:
                 executed=id(layer.module) in record.order,
                 received_grad=got_any,
                 has_matrix=has_matrix,
-                is_norm=_is_norm(layer.module),
+                is_norm=is_norm_layer(layer.module),
                 shared_with=[_public_name(name) for name in layer.sharers],
                 unused_parameters=unused,
             )
@@ -479,12 +479,12 @@ def _public_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
-def _is_norm(module: nn.Module) -> bool:
+def is_norm_layer(module: nn.Module) -> bool:
     return isinstance(module, _NORM_TYPES) or "Norm" in type(module).__name__
 
 
 @contextlib.contextmanager
-def _isolated(model: nn.Module, seed: int):
+def isolated(model: nn.Module, seed: int):
     """Train mode and a seeded RNG inside; modes, buffers and RNG states restored afterwards."""
     modules = list(model.modules())
     modes = [module.training for module in modules]
