@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from pytest_gradcheck.errors import BaselineFileError
-from pytest_gradcheck.files import baseline_dir, safe_name, write_atomically
+from pytest_gradcheck.files import baseline_dir, safe_name, strict_json, write_atomically
 from pytest_gradcheck.profile import GradientProfile, LayerStats
+from pytest_gradcheck.report import ratio_text
 
 SCHEMA_VERSION = 1
 # Enough to see a 10% drift, few enough that thread-count noise rarely changes the file.
@@ -43,26 +44,9 @@ def baseline_path(test_module: Path, nodeid: str, name: str | None = None) -> Pa
 # -- the file format ---------------------------------------------------------------
 
 
-def _round(value: float) -> float | str:
-    # JSON has no NaN or Infinity; strict readers (jq, browsers) reject Python's tokens.
-    if not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    return float(f"{value:.{SIGNIFICANT_DIGITS}g}")
-
-
-def _rounded(data: Any) -> Any:
-    if isinstance(data, float):
-        return _round(data)
-    if isinstance(data, dict):
-        return {key: _rounded(value) for key, value in data.items()}
-    if isinstance(data, list):
-        return [_rounded(value) for value in data]
-    return data
-
-
 def dumps_baseline(profile: GradientProfile) -> str:
     """The baseline text of ``profile``: sorted keys, rounded floats, one trailing newline."""
-    data = _rounded(profile.to_dict())
+    data = strict_json(profile.to_dict(), SIGNIFICANT_DIGITS)
     # Only gradients are compared; diagnosis data (activations) would only make the file churn.
     data.pop("activations", None)
     data["schema_version"] = SCHEMA_VERSION
@@ -201,7 +185,7 @@ class BaselineComparison:
         if self.ratio_moved:
             lines.append(
                 f"first/last ratio moved {_times(self.ratio_factor)} "
-                f"(baseline {_show(self.baseline_ratio)}, now {_show(self.ratio)}), beyond {self.tolerance:g}x"
+                f"(baseline {ratio_text(self.baseline_ratio)}, now {ratio_text(self.ratio)}), beyond {self.tolerance:g}x"
             )
         if self.added:
             lines.append("layers added: " + ", ".join(self.added))
@@ -296,7 +280,3 @@ def _within(factor: float | None, tolerance: float) -> bool:
 
 def _times(factor: float | None) -> str:
     return "n/a" if factor is None else f"{factor:.3g}x"
-
-
-def _show(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3g}"

@@ -15,7 +15,6 @@ from pytest_gradcheck.files import baseline_dir
 
 EVENTS_KEY = pytest.StashKey[list]()
 BASELINE_KWARGS = ("baseline", "tolerance")
-ACTIONS = ("created", "updated", "compared", "failed")
 
 
 def split_marker_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

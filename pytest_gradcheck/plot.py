@@ -13,6 +13,7 @@ from pytest_gradcheck.bounds import Bounds
 from pytest_gradcheck.checks import CheckResult, Finding, failing, verdict
 from pytest_gradcheck.files import safe_name
 from pytest_gradcheck.profile import GradientProfile
+from pytest_gradcheck.report import ratio_text
 
 INSTALL = 'pip install "pytest-gradcheck[plot]"'
 SUFFIXES = (".png", ".svg")
@@ -226,8 +227,7 @@ def _is_ratio_finding(finding: Finding, profile: GradientProfile) -> bool:
 
 
 def _title(axes, profile: GradientProfile, findings: list[Finding], title: str | None) -> None:
-    ratio = profile.ratio
-    shown = "n/a" if ratio is None else f"{ratio:.3g}"
+    shown = ratio_text(profile.ratio)
     outcome = verdict(findings)
     heading = f"{profile.model}: {outcome.upper()}, first/last mean |grad| ratio {shown}"
     if title:

@@ -120,12 +120,6 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(GradPlotWriter(config), "gradcheck-plot-writer")
 
 
-def pytest_unconfigure(config: pytest.Config) -> None:
-    session = config.stash.get(SESSION_KEY, None)
-    if session is not None:
-        config.pluginmanager.unregister(session)
-
-
 def _flag_of(name: str) -> str:
     return next(flag for bound, flag, _ in BOUND_OPTIONS if bound == name)
 

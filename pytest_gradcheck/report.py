@@ -11,6 +11,7 @@ from tabulate import tabulate
 
 from pytest_gradcheck import __version__
 from pytest_gradcheck.checks import CheckResult, Finding, failing, verdict
+from pytest_gradcheck.files import strict_json
 from pytest_gradcheck.profile import GradientProfile, LayerStats
 
 HEADERS = ["#", "layer", "kind", "params", "mean |grad|", "max |grad|", "grad norm", "weight norm", "zeros", "note"]
@@ -136,8 +137,7 @@ def table_headers(profile: GradientProfile) -> list[str]:
 
 
 def summary_line(profile: GradientProfile, findings: list[Finding]) -> str:
-    ratio = profile.ratio
-    shown = "n/a" if ratio is None else f"{ratio:.3g}"
+    shown = ratio_text(profile.ratio)
     first = profile.first.name if profile.first else "-"
     last = profile.last.name if profile.last else "-"
     return f"{profile.model}: first/last ratio {shown} ({first} / {last}), verdict: {verdict(findings)}"
@@ -256,23 +256,12 @@ def render_markdown(results: list[CheckResult]) -> str:
     return "\n".join(lines)
 
 
-def _strict(value: Any) -> Any:
-    """``value`` with NaN and infinities spelled as strings, which strict JSON parsers accept."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, dict):
-        return {key: _strict(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(item) for item in value]
-    return value
-
-
 def json_document(results: list[CheckResult]) -> dict[str, Any]:
     """The --grad-report-json document: every probed model with profile, bounds and findings."""
     return {
         "schema_version": SCHEMA_VERSION,
         "generator": f"pytest-gradcheck {__version__}",
-        "results": [_strict(result.to_dict()) for result in results],
+        "results": [strict_json(result.to_dict()) for result in results],
     }
 
 
