@@ -36,17 +36,11 @@ def gradients(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tens
     """The reduce-scattered gradient shards of ``params``; their ``.grad`` is restored afterwards.
 
     FSDP2 reduce-scatters in its post-backward hooks, which ``torch.autograd.grad`` never
-    triggers, so this is the one place where the probe runs ``backward()``.
+    triggers, so the full ``backward()`` runs.
     """
-    saved = [param.grad for param in params]
-    try:
-        for param in params:
-            param.grad = None
-        loss.backward()
-        return [param.grad for param in params]
-    finally:
-        for param, grad in zip(params, saved):
-            param.grad = grad
+    from pytest_gradcheck.probing import stashed_backward  # probing imports this module
+
+    return stashed_backward(loss, params)
 
 
 def statistics(params, grads, embedding_rows: dict, loss: torch.Tensor):

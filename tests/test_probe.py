@@ -701,3 +701,38 @@ def test_a_forward_that_raises_is_named_at_the_users_line_without_torch_frames()
     assert message.startswith("Broken.forward failed on the probe inputs (float32[3, 4]) at test_probe.py:")
     assert "(forward): KeyError: 'no such feature'" in message
     assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+def test_post_accumulate_grad_hooks_never_see_the_probe():
+    # An optimizer step in backward is such a hook: running it would change the weights.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    calls = []
+
+    def step_in_backward(param):
+        calls.append(param.shape)
+        with torch.no_grad():
+            param.sub_(0.1 * param.grad)
+
+    handle = model[0].weight.register_post_accumulate_grad_hook(step_in_backward)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+    profile = probe(model, torch.randn(3, 4))
+
+    assert calls == []
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    assert profile.layer("0").received_grad and profile.layer("0").grad_mean_abs > 0
+    handle.remove()
+
+
+def test_existing_grads_keep_their_objects_and_values_whichever_gradient_path_runs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    model(torch.randn(3, 4)).sum().backward()
+    grads = [param.grad for param in model.parameters()]
+    values = [grad.clone() for grad in grads]
+
+    probe(model, torch.randn(3, 4))
+
+    assert all(param.grad is grad for param, grad in zip(model.parameters(), grads))
+    assert all(torch.equal(grad, value) for grad, value in zip(grads, values))
