@@ -182,10 +182,12 @@ def _initialisation(chain: _Chain, scales: list[InitScale], repeated: dict[str, 
     if not on_chain:
         return []
     log10_factor = sum(repeated.get(s.layer, 1) * min(MAX_LOG10, math.log10(off(s))) for s in on_chain)
-    factor = 10 ** (sum(math.log10(min(off(s), 1e30)) for s in flagged) / len(flagged))
-    worst = max(flagged, key=off)
+    # Only the layers between the first and the last one explain the ratio; a badly
+    # initialised head outside that chain is not named as the cause.
+    factor = 10 ** (sum(math.log10(min(off(s), 1e30)) for s in on_chain) / len(on_chain))
+    worst = max(on_chain, key=off)
     direction = "below" if vanishing else "above"
-    names = _names([s.layer for s in flagged])
+    names = _names([s.layer for s in on_chain])
     followed_by = "no activation" if worst.activation == "linear" else worst.activation
     summary = (
         f"initialisation: the weights of {names} are about {factor:.3g}x {direction} the Kaiming/Xavier "
@@ -199,7 +201,7 @@ def _initialisation(chain: _Chain, scales: list[InitScale], repeated: dict[str, 
         "and keep PyTorch's default"
     )
     evidence = {
-        "layers": [s.layer for s in flagged],
+        "layers": [s.layer for s in on_chain],
         "factor": factor,
         "direction": direction,
         "worst_layer": worst.layer,

@@ -112,6 +112,28 @@ def test_small_init_net_first_cause_is_initialisation_near_12x():
     assert "12.5x below" in first["summary"]
 
 
+class SmallInitWithSideHead(SmallInitNet):
+    """The seed's small-init chain, plus a side head that runs but is not in the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.side = nn.Linear(64, 64)
+        nn.init.normal_(self.side.weight, std=1e-4)
+
+    def forward(self, x):
+        self.side(x)  # computed and dropped, like a pooler outside the loss
+        return super().forward(x)
+
+
+def test_initialisation_cause_names_only_layers_between_the_first_and_the_last():
+    _, causes = causes_of(fresh(SmallInitWithSideHead))
+    evidence = causes[0]["evidence"]
+    assert causes[0]["cause"] == "initialisation"
+    assert evidence["layers"] == ["fc1", "fc2", "fc3", "fc4"]
+    assert evidence["factor"] == pytest.approx(12.5, rel=0.05)  # not dragged towards side's 1000x
+    assert "side" not in causes[0]["summary"]
+
+
 def test_plain_deep_relu_mlp_names_depth():
     _, causes = causes_of(fresh(PlainReLU))
     first = causes[0]
