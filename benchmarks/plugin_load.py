@@ -61,7 +61,7 @@ def main() -> int:
         variants = {"plugin loaded": ["-p", "pytest_gradcheck.plugin"], "-p no:gradcheck": ["-p", "no:gradcheck"]}
         samples: dict[str, list[float]] = {name: [] for name in variants}
         torch_seen = []
-        for name, extra in variants.items():  # warm-up: file cache, bytecode
+        for extra in variants.values():  # warm-up: file cache, bytecode
             run(root, extra)
         for index in range(args.runs):
             order = list(variants.items()) if index % 2 == 0 else list(reversed(variants.items()))
