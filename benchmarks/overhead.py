@@ -38,12 +38,10 @@ TARGETS = {"gpt2-small": 1.10, "resnet18": 1.10, "mlp-1000": 1.30}
 
 
 def bare_pass(model, inputs):
-    model.zero_grad(set_to_none=True)
     model(inputs).sum().backward()
 
 
 def seed_loop(model, inputs):
-    model.zero_grad(set_to_none=True)
     model(inputs).sum().backward()
     return [m.weight.grad.abs().mean().item() for m in model.modules() if getattr(m, "weight", None) is not None
             and m.weight.dim() >= 2 and m.weight.grad is not None]
@@ -85,8 +83,8 @@ def alternate(model, inputs, reps: int) -> dict[str, float]:
         if rep % 2:
             order.reverse()
         for name, fn in order:
-            if name != "probe":
-                model.zero_grad(set_to_none=True)
+            # Outside the clock: every variant starts from .grad None, as a fresh model does.
+            model.zero_grad(set_to_none=True)
             samples[name].append(timed(fn, model, inputs))
         samples["norms"].append(timed(norms_pass, grads, weights))
     model.zero_grad(set_to_none=True)
@@ -103,11 +101,13 @@ def peak_memory(case: str, mode: str, device: str) -> float:
 
 
 def memory_child(case: str, mode: str, device: str) -> None:
-    # Warm up on a tiny model first: the first call of each kernel maps library code
-    # pages into the process, which would count as resident memory of the pass.
-    tiny, tiny_inputs = build("mlp-2")
-    probe_pass(tiny, tiny_inputs)
-    bare_pass(tiny, tiny_inputs)
+    # Warm up on small models first: the first call of each kernel maps library code
+    # pages into the process, and the first reduction large enough to run in parallel
+    # starts the thread pool; both would count as resident memory of the pass.
+    for warm, warm_inputs in (build("mlp-2"), (torch.nn.Linear(512, 512), torch.randn(64, 512))):
+        probe_pass(warm, warm_inputs)
+        probe(warm, warm_inputs, detail=True)
+        bare_pass(warm, warm_inputs)
     # Measured from before the model exists, as CUDA's max_memory_allocated counts
     # the parameters too: the peak is the model, its inputs, and the pass.
     if device == "cuda":

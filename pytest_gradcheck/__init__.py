@@ -42,15 +42,17 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS])
 
 
-def probe(model, inputs=None, *, loss_fn=None, seed=0) -> GradientProfile:
+def probe(model, inputs=None, *, loss_fn=None, seed=0, detail=False) -> GradientProfile:
     """Run one forward and one backward pass of ``model`` and return its GradientProfile.
 
     ``inputs`` is a tensor, a tuple or list (positional), a dict (keyword
     arguments), a zero-argument callable returning one of these, or None to infer
     them from the first layer. ``loss_fn(output)`` returns the scalar to
-    differentiate (default: the output's sum, or its ``loss`` entry). The model is
-    left exactly as it was. See README, "What the probe measures".
+    differentiate (default: the output's sum, or its ``loss`` entry). ``detail=True``
+    adds each layer's largest |grad|, gradient and weight L2 norms and share of exact
+    zeros, at the cost of more reads of every gradient. The model is left exactly as
+    it was. See README, "What the probe measures".
     """
     from pytest_gradcheck.probing import probe as run_probe
 
-    return run_probe(model, inputs, loss_fn=loss_fn, seed=seed)
+    return run_probe(model, inputs, loss_fn=loss_fn, seed=seed, detail=detail)

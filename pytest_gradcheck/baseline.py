@@ -22,7 +22,9 @@ SIGNIFICANT_DIGITS = 4
 # measures (README, "Baselines"): it is meant for regressions, not noise.
 DEFAULT_TOLERANCE = 2.0
 
-_FLOAT_LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerStats) if f.type == "float")
+# Measured only when a report or plot asks for them (probe(..., detail=True)), and not
+# compared: kept out of the file, it does not change with the options of the run.
+_DETAIL_LAYER_FIELDS = ("grad_max_abs", "grad_norm", "weight_norm", "zero_fraction")
 
 
 # -- where baselines live ----------------------------------------------------------
@@ -47,8 +49,11 @@ def baseline_path(test_module: Path, nodeid: str, name: str | None = None) -> Pa
 def dumps_baseline(profile: GradientProfile) -> str:
     """The baseline text of ``profile``: sorted keys, rounded floats, one trailing newline."""
     data = strict_json(profile.to_dict(), SIGNIFICANT_DIGITS)
-    # Only gradients are compared; diagnosis data (activations) would only make the file churn.
+    # Only mean |grad| is compared; diagnosis data and the detail statistics would only make the file churn.
     data.pop("activations", None)
+    for layer in data["layers"]:
+        for key in _DETAIL_LAYER_FIELDS:
+            layer.pop(key, None)
     data["schema_version"] = SCHEMA_VERSION
     return json.dumps(data, sort_keys=True, indent=2, allow_nan=False) + "\n"
 
@@ -79,8 +84,10 @@ def loads_baseline(text: str, source: str = "<string>") -> GradientProfile:
 
 def _profile_from(data: dict[str, Any]) -> GradientProfile:
     for layer in data["layers"]:
-        for key in _FLOAT_LAYER_FIELDS:
-            layer[key] = float(layer[key])
+        layer["grad_mean_abs"] = float(layer["grad_mean_abs"])
+        for key in _DETAIL_LAYER_FIELDS:  # files written before they were left out
+            if layer.get(key) is not None:
+                layer[key] = float(layer[key])
     data["loss"] = float(data["loss"])
     return GradientProfile.from_dict(data)
 

@@ -88,6 +88,11 @@ def _ratio_findings(profile: GradientProfile, bounds: Bounds) -> list[Finding]:
 def _max_grad_findings(profile: GradientProfile, bounds: Bounds) -> list[Finding]:
     if bounds.max_grad is None:
         return []
+    if not profile.detailed:
+        raise ValueError(
+            f"max_grad needs each layer's largest |grad|, which the profile of {profile.model} does not hold; "
+            "probe with detail=True (gradient_health and gradcheck do so whenever max_grad is set)"
+        )
     over = [layer for layer in profile.layers if layer.finite and layer.grad_max_abs > bounds.max_grad]
     if not over:
         return []

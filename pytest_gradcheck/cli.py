@@ -225,7 +225,7 @@ def probe_target(args: argparse.Namespace, bounds, dtypes: list[str]):
         raise UsageError(f"cannot move {type(model).__name__} to device {args.device!r}: {error}") from None
     inputs = random_inputs(model, args.input_shapes, dtypes, device) if args.input_shapes else None
     try:
-        profile, findings = assess(model, inputs, bounds=bounds, seed=args.seed)
+        profile, findings = assess(model, inputs, bounds=bounds, seed=args.seed, detail=True)
     except ProbeError as error:
         raise UsageError(f"cannot probe {args.target!r}: {error}") from None
     return CheckResult(args.target, None, profile, bounds, findings)

@@ -17,6 +17,7 @@ def assess(
     loss_fn: Callable | None = None,
     seed: int = 0,
     diagnose: bool | None = None,
+    detail: bool = False,
 ) -> tuple[GradientProfile, list[Finding]]:
     """Probe ``model`` once and check the profile against ``bounds``.
 
@@ -24,11 +25,14 @@ def assess(
     default) runs it only when it is needed, that is when a vanishing or exploding finding
     fires or the dead_relu or saturation rule is on; True always; False never. When it runs,
     ``profile.activations`` holds its numbers and those findings carry ranked ``causes``.
+    ``detail`` asks the probe for the statistics beyond mean |grad| (a report or plot
+    shows them); the ``max_grad`` bound asks for them by itself.
     """
     __tracebackhide__ = True
     from pytest_gradcheck.probing import probe  # torch is imported here, never at plugin load
 
-    profile = probe(model, inputs, loss_fn=loss_fn, seed=seed)
+    detail = detail or bounds.max_grad is not None
+    profile = probe(model, inputs, loss_fn=loss_fn, seed=seed, detail=detail)
     findings = check(profile, bounds)
     if diagnose is None:
         diagnose = needs_activations(bounds) or any(

@@ -125,12 +125,14 @@ def _draw(axes, profile: GradientProfile, findings: list[Finding], bounds: Bound
     layers = profile.layers
     x = list(range(len(layers)))
     means = [_positive(layer.grad_mean_abs) if layer.received_grad else math.nan for layer in layers]
-    maxes = [_positive(layer.grad_max_abs) if layer.received_grad else math.nan for layer in layers]
+    # The largest |grad| is there when the probe measured it (detail=True, as gradcheck and --grad-plot do).
+    maxes = [_positive(layer.grad_max_abs) if layer.received_grad else math.nan for layer in layers] if profile.detailed else []
     low, high = _value_range(means + maxes + _bound_levels(profile, bounds))
     axes.set_yscale("log")
     axes.set_ylim(low / 3, high * 3)
     size = 6 if len(layers) <= MAX_TICKS else 2  # hundreds of layers: markers would merge into a band
-    axes.plot(x, maxes, marker="^", markersize=size - 1, linestyle=":", color="tab:orange", label="max |grad|")
+    if maxes:
+        axes.plot(x, maxes, marker="^", markersize=size - 1, linestyle=":", color="tab:orange", label="max |grad|")
     axes.plot(x, means, marker="o", markersize=size, linewidth=2, color="tab:blue", label="mean |grad|")
     _draw_bounds(axes, profile, bounds)
     _draw_unplottable(axes, layers, low, high)

@@ -188,14 +188,16 @@ def gradient_health(request: pytest.FixtureRequest):
         if inputs is None:
             # item.ihook, not config.hook: a conftest.py answers for its own directory only.
             inputs = item.ihook.pytest_gradcheck_make_inputs(model=model)
-        profile, findings = assess(model, inputs, bounds=bounds, loss_fn=loss_fn, seed=seed)
+        session = config.stash[SESSION_KEY]
+        profile, findings = assess(
+            model, inputs, bounds=bounds, loss_fn=loss_fn, seed=seed, detail=session.detail
+        )
         item.ihook.pytest_gradcheck_profile(item=item, profile=profile)
         result = CheckResult(item.nodeid, name, profile, bounds, findings)
         item.stash.setdefault(PENDING_KEY, []).append(result)
         item.user_properties.extend(junit_properties(result))
         if failing(findings):
-            max_rows = config.stash[SESSION_KEY].max_rows
-            raise GradientHealthError(render_failure(profile, findings, max_rows), profile, findings)
+            raise GradientHealthError(render_failure(profile, findings, session.max_rows), profile, findings)
         if use_baseline:
             check_baseline(request, profile, name, factor)
         return profile
@@ -256,6 +258,9 @@ class GradcheckSession:
             if (path := config.getoption(f"grad_report_{kind}"))
         ]
         self.file_lines: list[tuple[str, bool]] = []
+        # The report table and the charts show more than mean |grad|; a run without
+        # them probes with the single L1 norm per gradient that the checks need.
+        self.detail = bool(config.getoption("grad_report") or self.report_files or config.getoption("grad_plot"))
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         self._remember_positions(item.nodeid for item in session.items)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import traceback
@@ -23,8 +24,6 @@ _NORM_TYPES = (
     nn.GroupNorm,
     nn.LocalResponseNorm,
 )
-# Per-parameter gradient statistics, one column each, computed on the device.
-_L1, _L2, _LINF, _NONZERO, _WEIGHT_L2 = range(5)
 
 
 @dataclass
@@ -34,8 +33,12 @@ class _Layer:
     name: str
     module: nn.Module
     registration: int
+    # (attribute name, parameter): the full name is built only where a message needs it.
     params: list[tuple[str, nn.Parameter]] = field(default_factory=list)
     sharers: list[str] = field(default_factory=list)
+
+    def qualified(self, key: str) -> str:
+        return f"{self.name}.{key}" if self.name else key
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -55,8 +58,15 @@ def probe(
     *,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     seed: int = 0,
+    detail: bool = False,
 ) -> GradientProfile:
     """Run one forward and backward pass of ``model`` and return its gradient profile.
+
+    Every layer gets its mean |grad|, finiteness and all-zero flag, all three from one
+    L1 norm per gradient. ``detail=True`` also measures the largest |grad|, the
+    gradient and weight L2 norms and the share of exact zeros: four more reads of the
+    gradients and one of the weights, which the report table, the plots and the
+    ``max_grad`` bound need.
 
     The model is left exactly as it was: parameters, buffers, ``.grad`` tensors,
     ``requires_grad`` flags, train/eval modes, hooks and the global RNG state.
@@ -71,7 +81,7 @@ def probe(
     model = unwrap(model)
     model_name = type(model).__name__
     fully_sharded = sharded.is_fully_sharded(model)
-    named_modules = list(model.named_modules())
+    named_modules = module_tree(model)
     candidates = _parameter_owners(named_modules)
     if not candidates:
         raise ProbeError(
@@ -79,18 +89,18 @@ def probe(
             "there are no gradients to check"
         )
     # Meta tensors run forward and backward happily but hold no numbers to report.
-    on_meta = [name for layer in candidates for name, param in layer.params if param.is_meta]
+    on_meta = [layer.qualified(key) for layer in candidates for key, param in layer.params if param.is_meta]
     if on_meta:
         raise ProbeError(
             f"{model_name} has {len(on_meta)} trainable parameter(s) on the meta device, which hold "
             f"no values (first: {on_meta[0]}); materialize the model before probing, e.g. "
             "model.to_empty(device='cpu') and then initialise or load the weights"
         )
-    with isolated(model, seed), torch.enable_grad():
+    with _without_cyclic_gc(), isolated(model, seed, [module for _, module in named_modules]), torch.enable_grad():
         if inputs is None:
             inputs = model_io.infer_inputs(model)
         args, kwargs = model_io.as_call_arguments(inputs)
-        with _recorder(named_modules, candidates) as record:
+        with _recorder(model, named_modules, candidates) as record:
             output = run_forward(model, args, kwargs)
         loss = model_io.loss_of(output, loss_fn, model_name)
         layers = _assign_owners(candidates, record)
@@ -101,14 +111,16 @@ def probe(
                 "check that forward() uses the parameters and that no torch.no_grad() hides them"
             )
         if fully_sharded:  # every rank must probe: FSDP2 all-gathers and reduce-scatters
+            detail = True  # its all-reduced rows hold every statistic anyway
             grads = sharded.gradients(loss, params)
             per_param, rows, loss_value = sharded.statistics(params, grads, record.embedding_rows, loss)
         else:
-            grads = _gradients(loss, params, through_ddp=wrapped is not model)
-            per_param, rows, loss_value = _statistics(layers, grads, record, loss)
+            grads, owned = _gradients(loss, params, through_ddp=wrapped is not model)
+            tied = _tied_embedding_weights(layers, record)
+            per_param, rows, loss_value = _statistics(params, grads, owned, tied, record, loss, detail)
     return GradientProfile(
         model=model_name,
-        layers=_layer_stats(layers, per_param, rows, record),
+        layers=_layer_stats(layers, per_param, rows, record, detail),
         loss=loss_value,
         seed=seed,
         device=str(params[0].device),
@@ -117,25 +129,45 @@ def probe(
     )
 
 
-def _gradients(loss: torch.Tensor, params: list[nn.Parameter], through_ddp: bool) -> list[torch.Tensor | None]:
-    """The gradient of ``loss`` for each parameter (None where it got none); ``.grad`` ends as it was.
+@contextlib.contextmanager
+def _without_cyclic_gc():
+    """Python's cycle collector paused while the probe runs, and resumed as it was.
 
-    ``backward(inputs=...)`` into emptied ``.grad`` slots runs as fast as the bare pass;
-    ``torch.autograd.grad`` was 40% slower on a GPT-2-sized model. It is the fallback
-    wherever accumulating would act: post-accumulate-grad hooks (an optimizer step in
-    backward) and DDP's reducer must not see the probe's gradients.
+    A probe of a 1,000-layer model allocates tens of thousands of small objects, nearly
+    all freed by reference counting before it returns; left on, the collector traverses
+    them, and every object of the model, several times a probe: 10 ms of a 60 ms pass.
+    """
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _gradients(loss: torch.Tensor, params: list[nn.Parameter], through_ddp: bool):
+    """(the gradient of ``loss`` for each parameter, None where it got none; whether the probe owns them).
+
+    ``.grad`` ends as it was. ``backward(inputs=...)`` into emptied ``.grad`` slots runs
+    as fast as the bare pass; ``torch.autograd.grad`` was 40% slower on a GPT-2-sized
+    model. It is the fallback wherever accumulating would act: post-accumulate-grad
+    hooks (an optimizer step in backward) and DDP's reducer must not see the probe's
+    gradients. What lands in an emptied ``.grad`` slot is the probe's to overwrite, as
+    it would be clip_grad_norm_'s; what autograd.grad returns may be held elsewhere.
     """
     if through_ddp or any(getattr(param, "_post_accumulate_grad_hooks", None) for param in params):
-        return list(torch.autograd.grad(loss, params, allow_unused=True))
-    return stashed_backward(loss, params, inputs=params)
+        return list(torch.autograd.grad(loss, params, allow_unused=True)), False
+    return stashed_backward(loss, params, inputs=params), True
 
 
 def stashed_backward(loss: torch.Tensor, params: list[nn.Parameter], **backward_options) -> list[torch.Tensor | None]:
     """``loss.backward()`` into emptied ``.grad`` slots; the original ``.grad`` objects are put back."""
     saved = [param.grad for param in params]
     try:
-        for param in params:
-            param.grad = None
+        for param, grad in zip(params, saved):
+            if grad is not None:
+                param.grad = None
         loss.backward(**backward_options)
         return [param.grad for param in params]
     finally:
@@ -143,17 +175,38 @@ def stashed_backward(loss: torch.Tensor, params: list[nn.Parameter], **backward_
             param.grad = grad
 
 
+def module_tree(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``list(model.named_modules())``, in the same order, without a generator per module.
+
+    On a 1,000-layer model the recursive generators cost as much as the rest of the
+    probe's bookkeeping together.
+    """
+    found, seen = [], set()
+    stack = [("", model)]
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:  # a module registered twice is listed once, under its first name
+            continue
+        seen.add(id(module))
+        found.append((name, module))
+        children = module._modules
+        if children:
+            stack.extend(
+                (f"{name}.{key}" if name else key, child)
+                for key, child in reversed(children.items())
+                if child is not None
+            )
+    return found
+
+
 def _parameter_owners(named_modules: list[tuple[str, nn.Module]]) -> list[_Layer]:
     """Every module that directly owns a trainable parameter, in registration order."""
     owners = []
     for index, (name, module) in enumerate(named_modules):
-        if not module._parameters:
+        own = module._parameters
+        if not own:
             continue
-        params = [
-            (f"{name}.{key}" if name else key, param)
-            for key, param in module._parameters.items()
-            if param is not None and param.requires_grad
-        ]
+        params = [(key, param) for key, param in own.items() if param is not None and param.requires_grad]
         if params:
             owners.append(_Layer(name, module, index, params))
     return owners
@@ -186,31 +239,34 @@ def _user_frame(error: BaseException) -> str:
 class _Record:
     """What the forward pass revealed: execution order and embedding lookups."""
 
-    def __init__(self) -> None:
+    def __init__(self, named_modules: list[tuple[str, nn.Module]]) -> None:
+        self.named_modules = named_modules
         self.order: dict[int, int] = {}
-        self.by_name: dict[str, nn.Module] = {}
         self.lookups: dict[int, list[torch.Tensor]] = {}
         self.embedding_rows: dict[int, torch.Tensor] = {}
-        # Tied embeddings whose sum and non-zero count were taken over the looked-up rows.
+        # Tied embeddings whose sum of |g| was taken over the looked-up rows.
         self.tied_rows_measured: set[int] = set()
+        self._by_name: dict[str, nn.Module] | None = None
 
     def position(self, layer: _Layer) -> tuple:
         """Sort key: own execution index, else just after the nearest executed ancestor."""
         own = self.order.get(id(layer.module))
         if own is not None:
             return (own, 0, layer.registration)
+        if self._by_name is None:
+            self._by_name = dict(self.named_modules)
         parts = layer.name.split(".") if layer.name else []
         for depth in range(len(parts) - 1, -1, -1):
-            ancestor = self.by_name.get(".".join(parts[:depth]))
+            ancestor = self._by_name.get(".".join(parts[:depth]))
             if ancestor is not None and id(ancestor) in self.order:
                 return (self.order[id(ancestor)], 1, layer.registration)
         return (math.inf, 2, layer.registration)
 
 
 @contextlib.contextmanager
-def _recorder(named_modules: list[tuple[str, nn.Module]], candidates: list[_Layer]):
+def _recorder(model: nn.Module, named_modules: list[tuple[str, nn.Module]], candidates: list[_Layer]):
     """Forward pre-hooks that record execution order and the rows embeddings look up."""
-    record = _Record()
+    record = _Record(named_modules)
     order = record.order
 
     def note(module, args):
@@ -221,28 +277,27 @@ def _recorder(named_modules: list[tuple[str, nn.Module]], candidates: list[_Laye
         if args and isinstance(args[0], torch.Tensor):
             record.lookups.setdefault(id(module), []).append(args[0])
 
-    # Ancestors are hooked too, so a module whose parameters its parent uses
+    # Containers are hooked too, so a module whose parameters its parent uses
     # directly (MultiheadAttention.out_proj) is placed right after that parent.
-    owners = {layer.name for layer in candidates}
-    hooked = set(owners)
-    for name in owners:
-        parts = name.split(".") if name else []
-        hooked.update(".".join(parts[:depth]) for depth in range(len(parts)))
-    handles = []
+    owners = {id(layer.module) for layer in candidates}
+    hooked = [module for _, module in named_modules if module._modules or id(module) in owners]
+    embeddings = [module for module in hooked if isinstance(module, nn.Embedding) and id(module) in owners]
+    # One registered hook whose id the other modules share: registering a thousand
+    # handles costs more than the rest of the bookkeeping of a 1,000-layer probe.
+    # The shared id is unique to this probe, and every entry is taken out again.
+    handle = model.register_forward_pre_hook(note)
+    handles = [module.register_forward_pre_hook(note_lookup) for module in embeddings]
+    shared = [module for module in hooked if module is not model]
     try:
-        for name, module in named_modules:
-            if name not in hooked:
-                continue
-            record.by_name[name] = module
-            handles.append(module.register_forward_pre_hook(note))
-            if isinstance(module, nn.Embedding) and name in owners:
-                handles.append(module.register_forward_pre_hook(note_lookup))
+        for module in shared:
+            module._forward_pre_hooks[handle.id] = note
         yield record
     finally:
-        for handle in handles:
-            handle.remove()
-    for name in owners:
-        module = record.by_name[name]
+        for module in shared:
+            module._forward_pre_hooks.pop(handle.id, None)
+        for each in (handle, *handles):
+            each.remove()
+    for module in embeddings:
         if id(module) in record.lookups:
             record.embedding_rows[id(module)] = _rows_used(module, record.lookups[id(module)])
 
@@ -263,10 +318,10 @@ def _assign_owners(candidates: list[_Layer], record: _Record) -> list[_Layer]:
     layers = []
     for layer in ranked:
         kept = []
-        for pname, param in layer.params:
+        for key, param in layer.params:
             owner = owner_of.setdefault(id(param), layer)
             if owner is layer:
-                kept.append((pname, param))
+                kept.append((key, param))
             elif layer.name not in owner.sharers:
                 owner.sharers.append(layer.name)
         layer.params = kept
@@ -275,166 +330,192 @@ def _assign_owners(candidates: list[_Layer], record: _Record) -> list[_Layer]:
     return layers
 
 
-def _statistics(layers: list[_Layer], grads, record: _Record, loss: torch.Tensor):
+def _statistics(params: list[nn.Parameter], grads, owned: bool, tied: dict[int, int], record: _Record, loss, detail):
     """Per-parameter statistics computed on the device, then one host sync per device.
 
-    Returns (per-parameter rows [l1, l2, linf, nonzero, weight_l2] or None when a
-    parameter got no gradient, embedding rows used by module id, loss value).
+    Returns (per parameter: its L1 norm or, with ``detail``, [l1, l2, linf, nonzero, weight_l2],
+    None where it got no gradient; embedding rows used by module id; loss value).
+
+    Small tensors of one shape are stacked and reduced row by row: a few kernels for
+    a thousand layers, where per-tensor kernels would cost more than the arithmetic.
+    Large tensors are reduced one by one, reading each gradient once per statistic
+    and copying nothing.
     """
-    params = [param for layer in layers for _, param in layer.params]
-    by_device: dict[torch.device, list[int]] = {}
-    for index, param in enumerate(params):
-        by_device.setdefault(param.device, []).append(index)
-    per_param: list[list[float] | None] = [None] * len(params)
-    tied = _tied_embedding_weights(layers, record)
-    embedding_ids = list(record.embedding_rows)
-    rows: dict[int, float] = {}
-    loss_value = float("nan")
-    for device, indices in by_device.items():
-        with_grad = [i for i in indices if grads[i] is not None]
-        columns = []
-        if with_grad:
-            # Each column is stacked at once so that thousands of 0-d results never
-            # pile up together: peak memory stays that of the pass itself.
-            grad_list = [_dense(grads[i]) for i in with_grad]
-            with torch.no_grad():  # parameters go in as they are: detach() costs more than the norm
-                columns = _columns(grad_list, [params[i] for i in with_grad])
-                _restrict_tied_embeddings(columns, with_grad, grad_list, tied, record)
-        extras = [record.embedding_rows[key] for key in embedding_ids]
-        extras = [t.reshape(1).float() for t in extras if t.device == device]
-        own_loss = loss.device == device
-        flat = columns + extras + ([loss.detach().float().reshape(1)] if own_loss else [])
-        if not flat:
+    same_shape: dict[tuple, list[int]] = {}
+    single: dict[torch.device, list[int]] = {}
+    dense = list(grads)
+    writable = [owned] * len(grads)
+    for index, grad in enumerate(grads):
+        if grad is None:
             continue
-        values = torch.cat(flat).tolist()  # the one host sync for this device
-        count = len(with_grad)
-        by_column = [values[k * count:(k + 1) * count] for k in range(5)]
-        for i, row in zip(with_grad, zip(*by_column)):
-            per_param[i] = row
-        position = 5 * count
+        if grad.is_sparse:  # its values are the looked-up rows: they carry every statistic
+            grad = dense[index] = grad.coalesce().values()
+            writable[index] = False
+        if 0 < grad.numel() <= _SMALL_TENSOR and index not in tied:
+            key = (grad.device, grad.shape, grad.dtype, params[index].dtype if detail else None)
+            group = same_shape.get(key)
+            if group is None:
+                same_shape[key] = [index]
+            else:
+                group.append(index)
+        else:
+            single.setdefault(grad.device, []).append(index)
+    order: dict[torch.device, list[int]] = {}
+    pieces: dict[torch.device, list[torch.Tensor]] = {}
+    with torch.no_grad():  # parameters go in as they are: detach() costs more than a norm
+        for (device, shape, _, _), indices in same_shape.items():
+            count = max(1, _PIECE_ELEMENTS // dense[indices[0]].numel())
+            for start in range(0, len(indices), count):
+                part = indices[start : start + count]
+                order.setdefault(device, []).extend(part)
+                rows = _stacked_rows([dense[i] for i in part], [params[i] for i in part], detail)
+                pieces.setdefault(device, []).append(rows)
+        for device, indices in single.items():
+            rows = [_single_row(dense[i], params[i], writable[i], tied.get(i), record, detail) for i in indices]
+            order.setdefault(device, []).extend(indices)
+            pieces.setdefault(device, []).append(torch.stack([torch.stack(c).double() for c in zip(*rows)], dim=1))
+    embedding_ids = list(record.embedding_rows)
+    devices = {*pieces, loss.device, *(record.embedding_rows[key].device for key in embedding_ids)}
+    per_param: list[list[float] | None] = [None] * len(params)
+    rows_used: dict[int, float] = {}
+    loss_value = float("nan")
+    width = _DETAIL_WIDTH if detail else 1
+    for device in devices:
+        extras = [record.embedding_rows[key] for key in embedding_ids if record.embedding_rows[key].device == device]
+        if loss.device == device:
+            extras.append(loss.detach())
+        flat = [piece.reshape(-1) for piece in pieces.get(device, [])]
+        values = torch.cat(flat + [extra.reshape(1).double() for extra in extras]).tolist()  # the one sync
+        indices = order.get(device, [])
+        if width == 1:
+            for index, value in zip(indices, values):
+                per_param[index] = value
+        else:
+            for position, index in enumerate(indices):
+                per_param[index] = values[position * width : (position + 1) * width]
+        position = len(indices) * width
         for key in embedding_ids:
             if record.embedding_rows[key].device == device:
-                rows[key] = values[position]
+                rows_used[key] = values[position]
                 position += 1
-        if own_loss:
+        if loss.device == device:
             loss_value = values[position]
-    return per_param, rows, loss_value
+    return per_param, rows_used, loss_value
 
 
-def _tied_embedding_weights(layers: list[_Layer], record: _Record) -> dict[int, tuple[int, torch.Size]]:
-    """Parameter index -> (module id, table shape), for embedding tables tied to another module."""
-    tied, index = {}, 0
-    for layer in layers:
-        for _, param in layer.params:
-            if layer.sharers and id(layer.module) in record.lookups and param is layer.module.weight:
-                tied[index] = (id(layer.module), param.shape)
-            index += 1
-    return tied
-
-
-def _restrict_tied_embeddings(columns, with_grad, grad_list, tied, record) -> None:
-    """Take a tied table's sum and non-zero count of |g| over the rows the batch looked up.
-
-    The output head that shares the table gives every row a gradient; averaged over
-    a 50,000-word vocabulary, the looked-up rows would vanish among the rest.
-    """
-    for slot, index in enumerate(with_grad):
-        if index not in tied:
-            continue
-        key, shape = tied[index]
-        grad = grad_list[slot]
-        if grad.shape != shape:  # a sparse gradient's values: only the looked-up rows anyway
-            continue
-        # Gather one row per lookup (a few hundred, not the whole table) and count each
-        # distinct row once; sorting instead of torch.unique keeps CUDA free of a sync.
-        ids = torch.cat([lookup.reshape(-1) for lookup in record.lookups[key]]).sort().values
-        first = torch.ones_like(ids, dtype=torch.bool)
-        first[1:] = ids[1:] != ids[:-1]
-        rows = grad.index_select(0, ids)
-        columns[0][slot] = (rows.abs().sum(1, dtype=_accumulator(rows)) * first).sum()
-        columns[3][slot] = (torch.count_nonzero(rows, dim=1) * first).sum()
-        record.tied_rows_measured.add(key)
-
-
-def _columns(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    """[l1, l2, linf, nonzero, weight_l2] of each parameter, as float32 vectors on the device.
-
-    Small tensors of one size are stacked into a matrix and reduced row by row: a
-    few kernels for a thousand layers, where per-tensor kernels would cost more than
-    the arithmetic. Large tensors are reduced one by one, without copies.
-    """
-    device = grads[0].device
-    columns = [torch.zeros(len(grads), device=device) for _ in range(5)]
-    same_size: dict[tuple, list[int]] = {}
-    large = []
-    for index, grad in enumerate(grads):
-        size = grad.numel()
-        if 0 < size <= _SMALL_TENSOR:
-            same_size.setdefault((size, grad.dtype, weights[index].dtype), []).append(index)
-        elif size:
-            large.append(index)
-    for (size, _, _), indices in same_size.items():
-        rows = max(1, _PIECE_ELEMENTS // size)
-        for start in range(0, len(indices), rows):
-            part = indices[start : start + rows]
-            _scatter(columns, part, _stacked_statistics([grads[i] for i in part], [weights[i] for i in part]))
-    if large:
-        _scatter(columns, large, _large_statistics([grads[i] for i in large], [weights[i] for i in large]))
-    return columns
-
-
+# The per-parameter statistics with ``detail``: their positions in a row.
+_L1, _L2, _LINF, _NONZERO, _WEIGHT_L2 = range(5)
+_DETAIL_WIDTH = 5
 # Tensors up to _SMALL_TENSOR elements are stacked into copies of at most
 # _PIECE_ELEMENTS elements, which bounds the extra memory; |g| is taken in place on
 # those copies only. A gradient itself is never written to: autograd.grad may return
 # a tensor that user code holds (a gradient hook's, a custom Function's).
 _SMALL_TENSOR = 1 << 14
-_PIECE_ELEMENTS = 1 << 16
+_PIECE_ELEMENTS = 1 << 14
 
 
-def _stacked_statistics(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    magnitude = torch.stack([grad.reshape(-1) for grad in grads]).abs_()  # a copy the probe owns
-    stacked_weights = torch.stack([weight.reshape(-1) for weight in weights])
-    return [
-        magnitude.sum(1, dtype=_accumulator(magnitude)),
-        torch.linalg.vector_norm(magnitude, 2, dim=1, dtype=_accumulator(magnitude)),
+def _stacked_rows(grads: list[torch.Tensor], weights: list[torch.Tensor], detail: bool) -> torch.Tensor:
+    magnitude = torch.stack(grads).reshape(len(grads), -1).abs_()  # a copy the probe owns
+    accumulator = _accumulator(magnitude)
+    l1 = magnitude.sum(1, dtype=accumulator)
+    if not detail:
+        return l1.double().reshape(-1, 1)
+    stacked_weights = torch.stack(weights).reshape(len(weights), -1)
+    columns = [
+        l1,
+        torch.linalg.vector_norm(magnitude, 2, dim=1, dtype=accumulator),
         magnitude.amax(1),
         torch.count_nonzero(magnitude, dim=1),
         torch.linalg.vector_norm(stacked_weights, 2, dim=1, dtype=_accumulator(stacked_weights)),
     ]
+    return torch.stack([column.double() for column in columns], dim=1)
+
+
+def _single_row(grad, weight, writable: bool, tied_key: int | None, record: _Record, detail: bool):
+    """One parameter's statistics as 0-d tensors, without copying the gradient."""
+    if grad.numel() == 0:
+        return [torch.zeros((), dtype=torch.float64, device=grad.device)] * (_DETAIL_WIDTH if detail else 1)
+    accumulator = _accumulator(grad)
+    if tied_key is not None and grad.shape == weight.shape:
+        l1, nonzero = _looked_up_rows(grad, record, tied_key, detail)
+    elif writable and _sole_owner(grad):
+        # |g| in place, then a plain sum: one read at full speed, where the L1 norm
+        # kernel runs at a third of it. Every other statistic is one of |g| too.
+        grad = grad.abs_()
+        l1 = grad.sum(dtype=accumulator)
+        nonzero = torch.count_nonzero(grad) if detail else None
+    else:
+        l1 = torch.linalg.vector_norm(grad, 1, dtype=accumulator)
+        nonzero = torch.count_nonzero(grad) if detail else None
+    if not detail:
+        return [l1]
+    low, high = torch.aminmax(grad)
+    return [
+        l1,
+        torch.linalg.vector_norm(grad, 2, dtype=accumulator),
+        torch.maximum(-low, high),
+        nonzero,
+        torch.linalg.vector_norm(weight, 2, dtype=_accumulator(weight)),
+    ]
+
+
+def _sole_owner(tensor: torch.Tensor) -> bool:
+    """Whether no other tensor shares this one's memory: no view of it, no alias, no base.
+
+    A custom Function may hand back a gradient that aliases a tensor its user holds
+    (``grad_output.detach()``, a slice of a captured buffer); that one is only read.
+    """
+    if tensor._base is not None or _FRESH_STORAGE_USES is None:
+        return False
+    return _storage_uses(tensor) <= _FRESH_STORAGE_USES
+
+
+def _storage_uses(tensor: torch.Tensor) -> int:
+    storage = tensor.untyped_storage()  # held while counting: the count includes this handle
+    return torch._C._storage_Use_Count(storage._cdata)
+
+
+def _storage_uses_of_a_fresh_tensor() -> int | None:
+    if not hasattr(torch._C, "_storage_Use_Count"):  # private: without it nothing is written in place
+        return None
+    fresh = torch.empty(1)
+    return _storage_uses(fresh)
+
+
+_FRESH_STORAGE_USES = _storage_uses_of_a_fresh_tensor()
+
+
+def _tied_embedding_weights(layers: list[_Layer], record: _Record) -> dict[int, int]:
+    """Parameter index -> embedding module id, for embedding tables tied to another module."""
+    tied, index = {}, 0
+    for layer in layers:
+        for _, param in layer.params:
+            if layer.sharers and id(layer.module) in record.lookups and param is layer.module.weight:
+                tied[index] = id(layer.module)
+            index += 1
+    return tied
+
+
+def _looked_up_rows(grad: torch.Tensor, record: _Record, key: int, detail: bool):
+    """A tied table's sum (and non-zero count) of |g| over the rows the batch looked up.
+
+    The output head that shares the table gives every row a gradient; averaged over
+    a 50,000-word vocabulary, the looked-up rows would vanish among the rest.
+    """
+    # Gather one row per lookup (a few hundred, not the whole table) and count each
+    # distinct row once; sorting instead of torch.unique keeps CUDA free of a sync.
+    ids = torch.cat([lookup.reshape(-1) for lookup in record.lookups[key]]).sort().values
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[1:] = ids[1:] != ids[:-1]
+    rows = grad.index_select(0, ids)
+    record.tied_rows_measured.add(key)
+    l1 = (rows.abs().sum(1, dtype=_accumulator(rows)) * first).sum()
+    return l1, ((torch.count_nonzero(rows, dim=1) * first).sum() if detail else None)
 
 
 def _accumulator(tensor: torch.Tensor) -> torch.dtype:
     """float32 for half precision and float32; float64 stays (norms may not narrow)."""
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
-
-
-def _large_statistics(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    sums, maxima, counts = [], [], []
-    for grad in grads:
-        # Each reads the gradient once and writes nothing: no copy of |g| is made.
-        sums.append(torch.linalg.vector_norm(grad, 1, dtype=_accumulator(grad)))
-        low, high = torch.aminmax(grad)
-        maxima.append(torch.maximum(-low, high))
-        counts.append(torch.count_nonzero(grad))
-    return [
-        torch.stack(sums),
-        torch.stack(float32_norms(grads, 2)),
-        torch.stack(maxima),
-        torch.stack(counts),
-        torch.stack(float32_norms(weights, 2)),
-    ]
-
-
-def _scatter(columns: list[torch.Tensor], indices: list[int], values: list[torch.Tensor]) -> None:
-    where = torch.tensor(indices, device=columns[0].device)
-    for column, value in zip(columns, values):
-        column[where] = value.float()
-
-
-def _dense(grad: torch.Tensor) -> torch.Tensor:
-    # A sparse embedding gradient holds only the looked-up rows: its values carry
-    # every statistic (the implicit rows are zeros, counted via the row count).
-    return grad.coalesce().values() if grad.is_sparse else grad
 
 
 def float32_norms(tensors: list[torch.Tensor], order: float) -> list[torch.Tensor]:
@@ -445,58 +526,87 @@ def float32_norms(tensors: list[torch.Tensor], order: float) -> list[torch.Tenso
         return [torch.linalg.vector_norm(t.float(), order) for t in tensors]
 
 
-def _layer_stats(layers, per_param, rows, record) -> list[LayerStats]:
+def _layer_stats(layers, per_param, rows, record, detail: bool) -> list[LayerStats]:
     """Aggregate per-parameter numbers into one LayerStats per layer (host side)."""
     stats = []
     values = iter(per_param)
+    kinds: dict[type, tuple[str, bool]] = {}
     for layer in layers:
-        has_matrix = any(param.dim() >= 2 for _, param in layer.params)
+        module = layer.module
+        kind = kinds.get(type(module))
+        if kind is None:
+            kind = kinds[type(module)] = (type(module).__name__, is_norm_layer(module))
         # An embedding is judged on the rows the batch looked up, so a large
         # vocabulary does not look like vanishing or mostly-zero gradients.
-        looked_up = rows.get(id(layer.module))
-        if layer.sharers and id(layer.module) not in record.tied_rows_measured:
+        looked_up = rows.get(id(module))
+        if layer.sharers and id(module) not in record.tied_rows_measured:
             looked_up = None  # the whole table's numbers: every row got the sharer's gradient
-        l1 = measured = nonzero = counted = l2_squared = weight_squared = largest = 0.0
-        numel, finite, got_any, unused = 0, True, False, []
-        for pname, param in layer.params:
-            value = next(values)
-            numel += param.numel()
-            if value is None:
-                unused.append(_public_name(pname))
+        # Mean |grad| is over the weight matrices where the layer has one (a bias would
+        # dilute it), else over all of its parameters.
+        matrix_l1 = matrix_size = other_l1 = other_size = 0.0
+        counted = nonzero = l2_squared = weight_squared = largest = 0.0
+        numel, has_matrix, finite, all_zero, unused = 0, False, True, True, []
+        for key, param in layer.params:
+            row = next(values)
+            size = param.numel()
+            numel += size
+            dim = param.dim()
+            has_matrix = has_matrix or dim >= 2
+            if row is None:
+                unused.append(_public_name(layer.qualified(key)))
                 continue
-            got_any = True
-            size = looked_up * param.shape[1] if looked_up is not None and param.dim() == 2 else param.numel()
-            if param.dim() >= 2 or not has_matrix:
-                l1 += value[_L1]
-                measured += size
-            counted += size
-            nonzero += value[_NONZERO]
-            largest = max(largest, value[_LINF])
-            l2_squared += value[_L2] ** 2
-            weight_squared += value[_WEIGHT_L2] ** 2
-            finite = finite and math.isfinite(value[_L1])
+            l1 = row[_L1] if detail else row
+            if looked_up is not None and dim == 2:
+                size = looked_up * param.shape[1]
+            if dim >= 2:
+                matrix_l1 += l1
+                matrix_size += size
+            else:
+                other_l1 += l1
+                other_size += size
+            # One L1 norm says it all: NaN or inf in any element makes it non-finite,
+            # and it is zero exactly when every element is.
+            finite = finite and math.isfinite(l1)
+            all_zero = all_zero and l1 == 0.0
+            if detail:
+                counted += size
+                nonzero += row[_NONZERO]
+                largest = max(largest, row[_LINF])
+                l2_squared += row[_L2] ** 2
+                weight_squared += row[_WEIGHT_L2] ** 2
+        received = len(unused) < len(layer.params)
+        extra = {}
+        if detail:
+            extra = {
+                "grad_max_abs": largest,
+                "grad_norm": math.sqrt(l2_squared),
+                "weight_norm": math.sqrt(weight_squared),
+                "zero_fraction": min(1.0, max(0.0, 1.0 - nonzero / counted)) if counted else 1.0,
+            }
         stats.append(
             LayerStats(
                 name=_public_name(layer.name),
-                kind=type(layer.module).__name__,
+                kind=kind[0],
                 numel=numel,
-                grad_mean_abs=l1 / measured if measured else 0.0,
-                grad_max_abs=largest,
-                grad_norm=math.sqrt(l2_squared),
-                weight_norm=math.sqrt(weight_squared),
-                zero_fraction=min(1.0, max(0.0, 1.0 - nonzero / counted)) if counted else 1.0,
+                grad_mean_abs=_mean(matrix_l1, matrix_size) if has_matrix else _mean(other_l1, other_size),
                 finite=finite,
-                executed=id(layer.module) in record.order,
-                received_grad=got_any,
+                all_zero=all_zero and received,
+                executed=id(module) in record.order,
+                received_grad=received,
                 has_matrix=has_matrix,
-                is_norm=is_norm_layer(layer.module),
-                shared_with=[_public_name(name) for name in layer.sharers],
+                is_norm=kind[1],
+                shared_with=[_public_name(name) for name in layer.sharers] if layer.sharers else [],
                 unused_parameters=unused,
+                **extra,
             )
         )
     # A layer that never ran and got no gradient has no place in the execution
     # order: list it after all the layers that took part in the pass.
     return sorted(stats, key=lambda layer: not (layer.executed or layer.received_grad))
+
+
+def _mean(total: float, count: float) -> float:
+    return total / count if count else 0.0
 
 
 def _public_name(name: str) -> str:
@@ -511,9 +621,13 @@ def is_norm_layer(module: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def isolated(model: nn.Module, seed: int):
-    """Train mode and a seeded RNG inside; modes, buffers and RNG states restored afterwards."""
-    modules = list(model.modules())
+def isolated(model: nn.Module, seed: int, modules: list[nn.Module] | None = None):
+    """Train mode and a seeded RNG inside; modes, buffers and RNG states restored afterwards.
+
+    ``modules`` is ``list(model.modules())`` where the caller has it already.
+    """
+    if modules is None:
+        modules = list(model.modules())
     modes = [module.training for module in modules]
     buffers = []
     for module in modules:

@@ -10,23 +10,29 @@ from typing import Any
 
 @dataclass
 class LayerStats:
-    """Gradient statistics of one module that directly owns trainable parameters."""
+    """Gradient statistics of one module that directly owns trainable parameters.
+
+    ``grad_max_abs``, ``grad_norm``, ``weight_norm`` and ``zero_fraction`` are None
+    unless the probe ran with ``detail=True`` (the report table, plots and the
+    ``max_grad`` bound ask for it).
+    """
 
     name: str
     kind: str
     numel: int
     grad_mean_abs: float
-    grad_max_abs: float
-    grad_norm: float
-    weight_norm: float
-    zero_fraction: float
-    finite: bool
+    finite: bool = True
+    all_zero: bool = False
     executed: bool = True
     received_grad: bool = True
     has_matrix: bool = True
     is_norm: bool = False
     shared_with: list[str] = field(default_factory=list)
     unused_parameters: list[str] = field(default_factory=list)
+    grad_max_abs: float | None = None
+    grad_norm: float | None = None
+    weight_norm: float | None = None
+    zero_fraction: float | None = None
 
     @property
     def pickable(self) -> bool:
@@ -36,7 +42,7 @@ class LayerStats:
     @property
     def dead(self) -> bool:
         """All gradients exactly zero although the layer is in the loss graph."""
-        return self.received_grad and self.finite and self.zero_fraction >= 1.0
+        return self.received_grad and self.finite and self.all_zero
 
 
 @dataclass
@@ -149,6 +155,11 @@ class GradientProfile:
         if last.grad_mean_abs == 0.0:
             return float("inf") if first.grad_mean_abs > 0.0 else None
         return first.grad_mean_abs / last.grad_mean_abs
+
+    @property
+    def detailed(self) -> bool:
+        """Whether the probe measured the detail statistics (``probe(..., detail=True)``)."""
+        return bool(self.layers) and all(layer.grad_max_abs is not None for layer in self.layers)
 
     def layer(self, name: str) -> LayerStats:
         """The layer called ``name``; raises KeyError listing the known names."""

@@ -14,8 +14,10 @@ from pytest_gradcheck.checks import CheckResult, Finding, failing, verdict
 from pytest_gradcheck.files import strict_json
 from pytest_gradcheck.profile import GradientProfile, LayerStats
 
-HEADERS = ["#", "layer", "kind", "params", "mean |grad|", "max |grad|", "grad norm", "weight norm", "zeros", "note"]
+HEADERS = ["#", "layer", "kind", "params", "mean |grad|", "note"]
 BAR_COLUMN = HEADERS.index("mean |grad|") + 1
+# Shown after the bar when the probe measured them (probe(..., detail=True)).
+DETAIL_HEADERS = ["max |grad|", "grad norm", "weight norm", "zeros"]
 BAR_WIDTH = 12
 # Healthy profiles span well under three decades; a floor on the scale keeps their
 # bars near-full instead of stretching a 2x spread across the whole column.
@@ -109,31 +111,33 @@ def layer_rows(
 ) -> list[list[str]]:
     """One row per layer (or per index in ``indices``), with the log-scale bar of mean |grad|."""
     scale = bar_scale(profile)
+    detailed = profile.detailed
     rows = []
     for index in range(len(profile.layers)) if indices is None else indices:
         layer = profile.layers[index]
-        rows.append(
-            [
-                str(index),
-                layer.name or "(root)",
-                layer.kind,
-                f"{layer.numel:,}",
-                _number(layer.grad_mean_abs),
-                grad_bar(layer.grad_mean_abs, scale),
+        row = [
+            str(index),
+            layer.name or "(root)",
+            layer.kind,
+            f"{layer.numel:,}",
+            _number(layer.grad_mean_abs),
+            grad_bar(layer.grad_mean_abs, scale),
+        ]
+        if detailed:
+            row += [
                 _number(layer.grad_max_abs),
                 _number(layer.grad_norm),
                 _number(layer.weight_norm),
                 f"{layer.zero_fraction:.0%}",
-                layer_notes(profile, layer, findings),
             ]
-        )
+        rows.append(row + [layer_notes(profile, layer, findings)])
     return rows
 
 
 def table_headers(profile: GradientProfile) -> list[str]:
-    headers = list(HEADERS)
-    headers.insert(BAR_COLUMN, bar_header(bar_scale(profile)))
-    return headers
+    """The column headers; the detail columns only where the probe measured them."""
+    headers = HEADERS[:BAR_COLUMN] + [bar_header(bar_scale(profile))]
+    return headers + (DETAIL_HEADERS if profile.detailed else []) + HEADERS[BAR_COLUMN:]
 
 
 def summary_line(profile: GradientProfile, findings: list[Finding]) -> str:

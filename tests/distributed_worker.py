@@ -87,7 +87,7 @@ def fsdp_scenario(rank: int) -> dict:
     for index in (0, 3, 5):
         fully_shard(model[index])
     fully_shard(model)
-    result = {"local": probe(plain).to_dict(), "every_rank": probe(model).to_dict()}
+    result = {"local": probe(plain, detail=True).to_dict(), "every_rank": probe(model).to_dict()}
     result["grads_none_after_probe"] = all(param.grad is None for param in model.parameters())
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

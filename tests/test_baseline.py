@@ -53,21 +53,38 @@ def test_dump_sorts_keys_and_rounds_floats_to_fixed_significant_digits():
     assert text == json.dumps(data, sort_keys=True, indent=2) + "\n"
     assert data["schema_version"] == SCHEMA_VERSION
     assert data["layers"][0]["grad_mean_abs"] == 1.235e-3
-    assert data["layers"][1]["grad_norm"] == 3.159  # 0.0987654321 * 31.987654321 = 3.15927...
+    assert data["layers"][1]["grad_mean_abs"] == 0.09877
     assert data["loss"] == 1.235
     assert data["layers"][0]["numel"] == 4160 and isinstance(data["layers"][0]["numel"], int)
     assert data["layers"][0]["finite"] is True
     assert "activations" not in data  # diagnosis data is not part of a gradient baseline
+    # Nor are the detail statistics: they are there only when a report asked for them.
+    assert not {"grad_max_abs", "grad_norm", "weight_norm", "zero_fraction"} & set(data["layers"][0])
+
+
+def test_a_baseline_does_not_change_with_the_detail_of_the_probe():
+    fast = make_profile(1e-3, 1e-2)
+    for layer in fast.layers:
+        layer.grad_max_abs = layer.grad_norm = layer.weight_norm = layer.zero_fraction = None
+    assert dumps_baseline(fast) == dumps_baseline(make_profile(1e-3, 1e-2))
+
+
+def test_a_baseline_written_with_the_detail_statistics_still_loads(tmp_path):
+    data = json.loads(dumps_baseline(make_profile(1e-3, 1e-2)))
+    data["layers"][0].update(grad_max_abs="Infinity", grad_norm=0.5, weight_norm=4.5, zero_fraction=0.0)
+    loaded = loads_baseline(json.dumps(data))
+    assert loaded.layers[0].grad_max_abs == math.inf and loaded.layers[0].grad_norm == 0.5
+    assert loaded.layers[1].grad_max_abs is None
 
 
 def test_dump_is_strict_json_even_for_non_finite_values():
     profile = make_profile(1e-3, 1e-2)
-    profile.layers[0].grad_max_abs = math.inf
+    profile.layers[0].grad_mean_abs = math.inf
     profile.layers[1].grad_mean_abs = math.nan
     text = dumps_baseline(profile)
     json.loads(text, parse_constant=lambda token: pytest.fail(f"non-standard JSON token {token}"))
     loaded = loads_baseline(text)
-    assert loaded.layers[0].grad_max_abs == math.inf
+    assert loaded.layers[0].grad_mean_abs == math.inf
     assert math.isnan(loaded.layers[1].grad_mean_abs)
 
 

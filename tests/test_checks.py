@@ -23,6 +23,7 @@ def layer(name: str, mean: float = 1.0, **fields) -> LayerStats:
         weight_norm=5.0,
         zero_fraction=0.0,
         finite=True,
+        all_zero=mean == 0.0,
     )
     values.update(fields)
     return LayerStats(**values)

@@ -177,7 +177,7 @@ class UsesWeightTwice(nn.Module):
 def test_parameter_reached_twice_reports_the_summed_gradient():
     torch.manual_seed(0)
     model, x = UsesWeightTwice(), torch.randn(8, 4)
-    profile = probe_untouched(model, x)
+    profile = probe_untouched(model, x, detail=True)
     grads = reference_grads(model, x)
 
     assert [layer.name for layer in profile.layers] == ["fc", "head"]
@@ -206,7 +206,7 @@ class SharedAcrossTimeSteps(nn.Module):
 def test_module_run_at_every_time_step_is_one_layer_with_the_accumulated_gradient():
     torch.manual_seed(0)
     model, x = SharedAcrossTimeSteps(), torch.randn(8, 4)
-    profile = probe_untouched(model, x)
+    profile = probe_untouched(model, x, detail=True)
     grads = reference_grads(model, x)
 
     assert [layer.name for layer in profile.layers] == ["encode", "cell", "head"]
@@ -262,3 +262,65 @@ def test_gradients_that_user_code_holds_are_not_written_to():
     profile = probe_untouched(StraightThrough())
     assert torch.equal(FixedGradient.surrogate, surrogate)
     assert profile.layer("fc").grad_mean_abs == pytest.approx(1.0)
+
+
+# ------------------------------------------------- gradients the probe may not overwrite
+
+
+class CatOfTwoWeights(nn.Module):
+    """Uses its two weights through one torch.cat, whose gradient a hook keeps."""
+
+    def __init__(self, captured: list):
+        super().__init__()
+        self.big = nn.Parameter(torch.randn(160, 128))  # large enough to be reduced on its own
+        self.small = nn.Parameter(torch.randn(4, 128))
+        self.captured = captured
+
+    def forward(self, x):
+        weight = torch.cat([self.big, self.small])
+        weight.register_hook(lambda grad: self.captured.append(grad))
+        return x @ weight.t()
+
+
+class PassThrough(torch.autograd.Function):
+    """Hands back an alias of the incoming gradient (not a view), as some custom Functions do."""
+
+    @staticmethod
+    def forward(ctx, weight):
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.detach()
+
+
+class AliasedGradient(nn.Module):
+    def __init__(self, captured: list):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(200, 128))
+        self.captured = captured
+
+    def forward(self, x):
+        weight = PassThrough.apply(self.weight)
+        weight.register_hook(lambda grad: self.captured.append(grad))
+        return x @ weight.t()
+
+
+@pytest.mark.parametrize("make", [CatOfTwoWeights, AliasedGradient], ids=["slice-of-a-kept-grad", "alias"])
+@pytest.mark.parametrize("detail", [False, True], ids=["fast", "detail"])
+def test_gradients_that_share_memory_with_a_users_tensor_are_only_read(make, detail):
+    torch.manual_seed(0)
+    captured: list[torch.Tensor] = []
+    model, x = make(captured), torch.randn(8, 128)
+    twin = copy.deepcopy(model)
+    twin.captured = reference = []
+    twin(x).sum().backward()
+
+    profile = probe_untouched(model, x, detail=detail)
+
+    # The gradient the hook kept is exactly what plain autograd gives: the probe took
+    # |g| of the parameter's gradient, which shares its memory, without writing to it.
+    assert torch.equal(captured[0], reference[0])
+    params = list(twin.parameters())
+    expected = sum(p.grad.abs().sum().item() for p in params) / sum(p.numel() for p in params)
+    assert profile.layers[0].grad_mean_abs == pytest.approx(expected, rel=1e-4)

@@ -35,7 +35,11 @@ def make_profile(names: list[str], first_mean: float = 1e-4) -> GradientProfile:
     layers = []
     for index, name in enumerate(names):
         mean = first_mean * (1e-1 / first_mean) ** (index / max(1, count - 1))
-        layers.append(LayerStats(name, "Linear", 4160, mean, mean * 10, mean * 64, 4.6, 0.0, True))
+        layers.append(
+            LayerStats(
+                name, "Linear", 4160, mean, grad_max_abs=mean * 10, grad_norm=mean * 64, weight_norm=4.6, zero_fraction=0.0
+            )
+        )
     return GradientProfile(model="Net", layers=layers, loss=1.0)
 
 
@@ -94,6 +98,7 @@ def test_dead_nonfinite_and_unused_layers_still_plot(tmp_path):
     profile = make_profile(["fc1", "fc2", "fc3", "fc4"])
     profile.layers[1].grad_mean_abs = profile.layers[1].grad_max_abs = 0.0
     profile.layers[1].zero_fraction = 1.0
+    profile.layers[1].all_zero = True
     profile.layers[2].grad_mean_abs = float("nan")
     profile.layers[2].finite = False
     profile.layers[3].received_grad = False

@@ -273,3 +273,48 @@ def test_a_run_without_probes_still_writes_its_files_and_a_bad_path_is_reported(
     result.assert_outcomes(passed=1)
     assert json.loads((pytester.path / "r.json").read_text())["results"] == []
     result.stdout.fnmatch_lines(["gradcheck: could not write --grad-report-md *blocker*r.md: *"])
+
+
+@pytest.mark.parametrize(
+    ("args", "detailed"),
+    [([], False), (["--grad-report"], True), (["--grad-report-json=r.json"], True), (["--grad-max-grad=1e9"], True)],
+    ids=["plain", "report", "json", "max-grad"],
+)
+def test_the_detail_statistics_are_measured_only_when_something_shows_or_checks_them(suite, args, detailed):
+    suite.makeconftest(
+        """
+        def pytest_gradcheck_profile(item, profile):
+            with open("detail.txt", "a") as log:
+                log.write(f"{profile.detailed} {profile.layers[0].grad_max_abs is not None}\\n")
+        """
+    )
+
+    result = suite.runpytest("test_a.py::test_zz_healthy", *args)
+
+    result.assert_outcomes(passed=1)
+    assert (suite.path / "detail.txt").read_text().split() == [str(detailed)] * 2
+    if "--grad-report" in args:
+        assert "max |grad|" in report_section(result.stdout.str())
+
+
+def test_a_failure_without_a_report_shows_the_mean_column_only(pytester):
+    pytester.makepyfile(models=MODELS)
+    pytester.syspathinsert()
+    pytester.makepyfile(
+        """
+        from torch import nn
+        from models import mlp
+
+        def test_vanishing(gradient_health):
+            gradient_health(mlp(nn.Sigmoid, depth=6))
+        """
+    )
+
+    plain = pytester.runpytest()
+    reported = pytester.runpytest("--grad-report")
+
+    plain.assert_outcomes(failed=1)
+    reported.assert_outcomes(failed=1)
+    plain.stdout.fnmatch_lines(["*vanishing gradients: first/last ratio*", "*mean |grad|*"])
+    assert "max |grad|" not in plain.stdout.str()
+    assert "max |grad|" in reported.stdout.str()

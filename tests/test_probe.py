@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import math
 import pathlib
 import sys
@@ -220,7 +221,7 @@ def test_numbers_match_a_hand_computation():
     model = mlp(16, 32, 32, 4)
     inputs = torch.randn(2, 16)  # a small batch leaves whole ReLU columns at zero
 
-    profile = probe(model, inputs)
+    profile = probe(model, inputs, detail=True)
     expected = hand_statistics(model, inputs)
 
     assert [layer.name for layer in profile.layers] == list(expected)
@@ -228,8 +229,31 @@ def test_numbers_match_a_hand_computation():
         for field, value in expected[layer.name].items():
             assert getattr(layer, field) == pytest.approx(value, rel=1e-5, abs=1e-12), (layer.name, field)
     assert any(layer.zero_fraction > 0 for layer in profile.layers)
+    assert profile.detailed
     assert profile.loss == pytest.approx(model(inputs).sum().item(), rel=1e-6)
     assert profile.ratio == pytest.approx(expected["0"]["grad_mean_abs"] / expected["4"]["grad_mean_abs"], rel=1e-5)
+
+
+def test_without_detail_the_probe_measures_mean_finiteness_and_all_zero_only():
+    torch.manual_seed(0)
+    model = mlp(16, 32, 32, 4)
+    inputs = torch.randn(2, 16)
+
+    fast, full = probe(model, inputs), probe(model, inputs, detail=True)
+
+    assert not fast.detailed and full.detailed
+    for quick, detailed in zip(fast.layers, full.layers):
+        assert quick.grad_mean_abs == pytest.approx(detailed.grad_mean_abs, rel=1e-6)
+        assert (quick.finite, quick.all_zero, quick.name) == (detailed.finite, detailed.all_zero, detailed.name)
+        assert (quick.grad_max_abs, quick.grad_norm, quick.weight_norm, quick.zero_fraction) == (None,) * 4
+    assert fast.ratio == pytest.approx(full.ratio, rel=1e-6)
+
+
+def test_max_grad_needs_a_detailed_profile():
+    profile = probe(mlp(4, 4, 2), torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"max_grad needs each layer's largest \|grad\|.*detail=True"):
+        profile.check(max_grad=1.0)
+    assert probe(mlp(4, 4, 2), torch.randn(3, 4), detail=True).check(max_grad=1e9) == []
 
 
 def test_bias_only_layers_use_their_one_dimensional_parameters():
@@ -249,7 +273,7 @@ def test_embedding_mean_counts_only_the_rows_the_batch_used():
     model = nn.Sequential(nn.Embedding(vocab, width), nn.Linear(width, width))
     ids = torch.randint(0, vocab, (8, 16))
 
-    profile = probe(model, ids)
+    profile = probe(model, ids, detail=True)
 
     reference = copy.deepcopy(model)
     reference(ids).sum().backward()
@@ -268,15 +292,16 @@ def test_dead_layer_has_only_zero_gradients():
         model[2].weight.zero_()
         model[2].bias.fill_(-1.0)  # the ReLU after it is off for every input
 
-    profile = probe(model, torch.randn(3, 4))
-
     # Nothing flows back through the switched-off ReLU, into either layer before it.
-    for name in ("0", "2"):
-        assert profile.layer(name).zero_fraction == 1.0
-        assert profile.layer(name).dead
-    assert profile.layer("4").grad_max_abs > 0  # its bias still learns
-    dead = [finding for finding in profile.check() if finding.rule == "dead"]
-    assert dead[0].layers[:2] == ["0", "2"] and dead[0].failing
+    for detail in (False, True):
+        profile = probe(model, torch.randn(3, 4), detail=detail)
+        for name in ("0", "2"):
+            assert profile.layer(name).all_zero and profile.layer(name).dead
+        assert not profile.layer("4").dead  # its bias still learns
+        dead = [finding for finding in profile.check() if finding.rule == "dead"]
+        assert dead[0].layers == ["0", "2"] and dead[0].failing
+    assert profile.layer("0").zero_fraction == 1.0
+    assert profile.layer("4").grad_max_abs > 0
 
 
 def test_nonfinite_gradients_are_flagged():
@@ -517,7 +542,7 @@ def test_probe_leaves_everything_untouched_when_it_raises():
 def test_probe_runs_in_training_mode():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 32), nn.Dropout(0.5), nn.Linear(32, 4)).eval()
-    profile = probe(model, torch.ones(1, 32))
+    profile = probe(model, torch.ones(1, 32), detail=True)
 
     # With dropout active about half of the first layer's weight gradients are zero.
     assert 0.2 < profile.layer("0").zero_fraction < 0.8
@@ -676,7 +701,7 @@ def test_a_tied_embedding_is_judged_on_the_rows_the_batch_looked_up():
     (grad,) = torch.autograd.grad(twin(ids).sum(), [twin.embed.weight])
     used = grad[torch.unique(ids)]
 
-    stats = probe(model, ids).layer("embed")
+    stats = probe(model, ids, detail=True).layer("embed")
 
     assert stats.shared_with == ["head"]
     # The head gives every row a gradient; the mean still covers only the rows looked up.
@@ -736,3 +761,25 @@ def test_existing_grads_keep_their_objects_and_values_whichever_gradient_path_ru
 
     assert all(param.grad is grad for param, grad in zip(model.parameters(), grads))
     assert all(torch.equal(grad, value) for grad, value in zip(grads, values))
+
+
+@pytest.mark.parametrize("collecting", [True, False], ids=["gc-on", "gc-off"])
+def test_the_cycle_collector_is_left_as_it_was_even_when_forward_raises(collecting):
+    class Raises(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            raise RuntimeError("broken")
+
+    was = gc.isenabled()
+    try:
+        gc.enable() if collecting else gc.disable()
+        probe(mlp(4, 4, 2), torch.randn(3, 4))
+        assert gc.isenabled() is collecting
+        with pytest.raises(ProbeError):
+            probe(Raises(), torch.randn(3, 4))
+        assert gc.isenabled() is collecting
+    finally:
+        gc.enable() if was else gc.disable()

@@ -24,6 +24,7 @@ def layer(name: str, mean: float, **fields) -> LayerStats:
         weight_norm=4.6,
         zero_fraction=0.0,
         finite=math.isfinite(mean),
+        all_zero=mean == 0.0,
     )
     values.update(fields)
     return LayerStats(**values)
@@ -232,3 +233,17 @@ def test_a_failure_message_states_each_failing_finding_once_and_keeps_the_notes(
 
     assert message.count("vanishing gradients: first/last ratio") == 1
     assert "note unused: unused parameters: 1 trainable parameter(s) got no gradient (spare.w)" in message
+
+
+def test_a_profile_without_detail_has_no_detail_columns():
+    fast = [layer(f"fc{i}", 10.0**-i, grad_max_abs=None, grad_norm=None, weight_norm=None, zero_fraction=None) for i in range(3)]
+    profile = GradientProfile("Net", fast, loss=1.0)
+
+    headers = report.table_headers(profile)
+    rows = report.layer_rows(profile, [])
+
+    assert not set(report.DETAIL_HEADERS) & set(headers)
+    assert all(len(row) == len(headers) for row in rows)
+    detailed = GradientProfile("Net", [layer(f"fc{i}", 10.0**-i) for i in range(3)], loss=1.0)
+    assert report.table_headers(detailed)[report.BAR_COLUMN + 1 : report.BAR_COLUMN + 5] == report.DETAIL_HEADERS
+    assert "max |grad|" not in report.render_table(profile, [])
