@@ -5,11 +5,15 @@ Run: python benchmarks/overhead.py [--quick]
 Every number is a median of alternating runs after a warm-up, and every claim is
 a ratio of two things measured side by side in this one run:
 
-- probe:  pytest_gradcheck.probe(model, inputs)
+- probe:  pytest_gradcheck.probe(model, inputs), what gradient_health runs by default
+- detail: probe(model, inputs, detail=True), what it runs for --grad-report and plots
 - bare:   model(inputs).sum().backward(), the floor
 - seed:   the notebook's loop: .backward(), then one .item() per layer (the peer)
 - norms:  one torch._foreach_norm pass over all gradients and all weights, the
           physical floor for per-layer statistics; "extra" is probe minus bare.
+Each model is timed in a fresh child process, so that one case's leftovers (a heap
+the garbage collector has to walk) cannot slow the next. Every variant starts from
+``.grad`` None, set outside the clock, as a fresh model does.
 Peak memory is measured in a fresh child process per variant: the peak resident
 set above what the process held before it built the model (CPU), or
 max_memory_allocated (CUDA); both count the model, its inputs and one pass.
@@ -51,6 +55,10 @@ def probe_pass(model, inputs):
     return probe(model, inputs)
 
 
+def detail_pass(model, inputs):
+    return probe(model, inputs, detail=True)
+
+
 def norms_pass(grads, weights):
     torch._foreach_norm(grads)
     torch._foreach_norm(weights)
@@ -70,7 +78,7 @@ def timed(fn, *args) -> float:
 def alternate(model, inputs, reps: int) -> dict[str, float]:
     """Median seconds of each variant, interleaved so drift hits all of them alike."""
     model.train()
-    variants = {"probe": probe_pass, "bare": bare_pass, "seed": seed_loop}
+    variants = {"probe": probe_pass, "detail": detail_pass, "bare": bare_pass, "seed": seed_loop}
     for fn in variants.values():  # warm-up
         fn(model, inputs)
     bare_pass(model, inputs)
@@ -89,6 +97,21 @@ def alternate(model, inputs, reps: int) -> dict[str, float]:
         samples["norms"].append(timed(norms_pass, grads, weights))
     model.zero_grad(set_to_none=True)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def timings(case: str, reps: int, device: str) -> dict[str, float]:
+    """Median seconds of each variant on ``case``, measured in a fresh child process."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--time-child", case, str(reps), "--device", device],
+        capture_output=True, text=True, check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def time_child(case: str, reps: int, device: str) -> None:
+    model, inputs = build(case)
+    model, inputs = model.to(device), inputs.to(device)
+    print(json.dumps(alternate(model, inputs, reps)))
 
 
 def peak_memory(case: str, mode: str, device: str) -> float:
@@ -150,9 +173,13 @@ def main() -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--models", nargs="+", default=list(TARGETS), choices=list(TARGETS), help="models to measure")
     parser.add_argument("--memory-child", nargs=2, metavar=("CASE", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--time-child", nargs=2, metavar=("CASE", "REPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         memory_child(*args.memory_child, args.device)
+        return 0
+    if args.time_child:
+        time_child(args.time_child[0], int(args.time_child[1]), args.device)
         return 0
 
     reps = {"gpt2-small": 3 if args.quick else 7, "resnet18": 5 if args.quick else 15, "mlp-1000": 5 if args.quick else 21}
@@ -160,9 +187,7 @@ def main() -> int:
     rows, ok = [], True
     for case in args.models:
         target = TARGETS[case]
-        model, inputs = build(case)
-        model, inputs = model.to(args.device), inputs.to(args.device)
-        t = alternate(model, inputs, reps[case])
+        t = timings(case, reps[case], args.device)
         ratio = t["probe"] / t["bare"]
         extra = t["probe"] - t["bare"]
         extra_vs_norms = extra / t["norms"]
@@ -175,12 +200,12 @@ def main() -> int:
         rows.append(
             f"| {case} | {t['bare'] * 1e3:.1f} | {t['probe'] * 1e3:.1f} | {t['seed'] * 1e3:.1f} | "
             f"**{ratio:.3f}** (<= {target}) | {t['seed'] / t['bare']:.3f} | {extra * 1e3:.1f} | "
-            f"{t['norms'] * 1e3:.1f} | {extra_vs_norms:.2f} (<= 2) | {memory:.3f} (<= 1.1) | {'ok' if passed else 'MISSED'} |"
+            f"{t['norms'] * 1e3:.1f} | {extra_vs_norms:.2f} (<= 2) | {memory:.3f} (<= 1.1) | "
+            f"{t['detail'] / t['bare']:.3f} | {'ok' if passed else 'MISSED'} |"
         )
-        del model, inputs
     print("| model | bare ms | probe ms | seed loop ms | probe / bare | seed / bare | extra ms | foreach_norm ms "
-          "| extra / norms | peak memory probe / bare | targets |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| extra / norms | peak memory probe / bare | detail / bare | targets |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
     print("\nGrowth with depth (32-wide MLP, batch 8):\n")
@@ -188,9 +213,7 @@ def main() -> int:
     print("|---|---|---|---|---|")
     per_layer = {}
     for layers in (10, 100, 1000):
-        model, inputs = build(f"mlp-{layers}")
-        model, inputs = model.to(args.device), inputs.to(args.device)
-        t = alternate(model, inputs, 5 if args.quick else 15)
+        t = timings(f"mlp-{layers}", 5 if args.quick else 15, args.device)
         per_layer[layers] = (t["probe"] - t["bare"]) / layers
         print(f"| {layers} | {t['bare'] * 1e3:.2f} | {t['probe'] * 1e3:.2f} | {t['probe'] / layers * 1e6:.1f} "
               f"| {per_layer[layers] * 1e6:.1f} |")

@@ -77,7 +77,6 @@ def probe(
             f"probe() needs a torch.nn.Module, got {type(model).__name__}; "
             "pass the model instance, e.g. gradient_health(MyModel())"
         )
-    wrapped = model
     model = unwrap(model)
     model_name = type(model).__name__
     fully_sharded = sharded.is_fully_sharded(model)
@@ -115,9 +114,9 @@ def probe(
             grads = sharded.gradients(loss, params)
             per_param, rows, loss_value = sharded.statistics(params, grads, record.embedding_rows, loss)
         else:
-            grads, owned = _gradients(loss, params, through_ddp=wrapped is not model)
+            grads = _gradients(loss, params)
             tied = _tied_embedding_weights(layers, record)
-            per_param, rows, loss_value = _statistics(params, grads, owned, tied, record, loss, detail)
+            per_param, rows, loss_value = _statistics(params, grads, tied, record, loss, detail)
     return GradientProfile(
         model=model_name,
         layers=_layer_stats(layers, per_param, rows, record, detail),
@@ -146,33 +145,15 @@ def _without_cyclic_gc():
             gc.enable()
 
 
-def _gradients(loss: torch.Tensor, params: list[nn.Parameter], through_ddp: bool):
-    """(the gradient of ``loss`` for each parameter, None where it got none; whether the probe owns them).
+def _gradients(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor | None]:
+    """The gradient of ``loss`` for each parameter, None where it got none.
 
-    ``.grad`` ends as it was. ``backward(inputs=...)`` into emptied ``.grad`` slots runs
-    as fast as the bare pass; ``torch.autograd.grad`` was 40% slower on a GPT-2-sized
-    model. It is the fallback wherever accumulating would act: post-accumulate-grad
-    hooks (an optimizer step in backward) and DDP's reducer must not see the probe's
-    gradients. What lands in an emptied ``.grad`` slot is the probe's to overwrite, as
-    it would be clip_grad_norm_'s; what autograd.grad returns may be held elsewhere.
+    ``torch.autograd.grad`` leaves every ``.grad`` alone, so nothing that acts on
+    accumulated gradients (DDP's reducer, a post-accumulate-grad hook that steps an
+    optimizer) sees the probe's, and no leaf outside the model gets one. It measured
+    as fast as ``backward(inputs=...)`` into emptied ``.grad`` slots (README, Performance).
     """
-    if through_ddp or any(getattr(param, "_post_accumulate_grad_hooks", None) for param in params):
-        return list(torch.autograd.grad(loss, params, allow_unused=True)), False
-    return stashed_backward(loss, params, inputs=params), True
-
-
-def stashed_backward(loss: torch.Tensor, params: list[nn.Parameter], **backward_options) -> list[torch.Tensor | None]:
-    """``loss.backward()`` into emptied ``.grad`` slots; the original ``.grad`` objects are put back."""
-    saved = [param.grad for param in params]
-    try:
-        for param, grad in zip(params, saved):
-            if grad is not None:
-                param.grad = None
-        loss.backward(**backward_options)
-        return [param.grad for param in params]
-    finally:
-        for param, grad in zip(params, saved):
-            param.grad = grad
+    return list(torch.autograd.grad(loss, params, allow_unused=True))
 
 
 def module_tree(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -330,7 +311,7 @@ def _assign_owners(candidates: list[_Layer], record: _Record) -> list[_Layer]:
     return layers
 
 
-def _statistics(params: list[nn.Parameter], grads, owned: bool, tied: dict[int, int], record: _Record, loss, detail):
+def _statistics(params: list[nn.Parameter], grads, tied: dict[int, int], record: _Record, loss, detail: bool):
     """Per-parameter statistics computed on the device, then one host sync per device.
 
     Returns (per parameter: its L1 norm or, with ``detail``, [l1, l2, linf, nonzero, weight_l2],
@@ -338,19 +319,17 @@ def _statistics(params: list[nn.Parameter], grads, owned: bool, tied: dict[int, 
 
     Small tensors of one shape are stacked and reduced row by row: a few kernels for
     a thousand layers, where per-tensor kernels would cost more than the arithmetic.
-    Large tensors are reduced one by one, reading each gradient once per statistic
-    and copying nothing.
+    Large tensors are read once, a cache-sized chunk at a time. No gradient is
+    written to: one may share its memory with a tensor that user code holds.
     """
     same_shape: dict[tuple, list[int]] = {}
     single: dict[torch.device, list[int]] = {}
     dense = list(grads)
-    writable = [owned] * len(grads)
     for index, grad in enumerate(grads):
         if grad is None:
             continue
         if grad.is_sparse:  # its values are the looked-up rows: they carry every statistic
             grad = dense[index] = grad.coalesce().values()
-            writable[index] = False
         if 0 < grad.numel() <= _SMALL_TENSOR and index not in tied:
             key = (grad.device, grad.shape, grad.dtype, params[index].dtype if detail else None)
             group = same_shape.get(key)
@@ -370,8 +349,9 @@ def _statistics(params: list[nn.Parameter], grads, owned: bool, tied: dict[int, 
                 order.setdefault(device, []).extend(part)
                 rows = _stacked_rows([dense[i] for i in part], [params[i] for i in part], detail)
                 pieces.setdefault(device, []).append(rows)
+        buffers: dict[tuple, torch.Tensor] = {}
         for device, indices in single.items():
-            rows = [_single_row(dense[i], params[i], writable[i], tied.get(i), record, detail) for i in indices]
+            rows = [_single_row(dense[i], params[i], tied.get(i), record, detail, buffers) for i in indices]
             order.setdefault(device, []).extend(indices)
             pieces.setdefault(device, []).append(torch.stack([torch.stack(c).double() for c in zip(*rows)], dim=1))
     embedding_ids = list(record.embedding_rows)
@@ -431,58 +411,65 @@ def _stacked_rows(grads: list[torch.Tensor], weights: list[torch.Tensor], detail
     return torch.stack([column.double() for column in columns], dim=1)
 
 
-def _single_row(grad, weight, writable: bool, tied_key: int | None, record: _Record, detail: bool):
-    """One parameter's statistics as 0-d tensors, without copying the gradient."""
+def _single_row(grad, weight, tied_key: int | None, record: _Record, detail: bool, buffers: dict) -> list:
+    """One parameter's statistics as 0-d tensors: [l1] or [l1, l2, linf, nonzero, weight_l2]."""
     if grad.numel() == 0:
         return [torch.zeros((), dtype=torch.float64, device=grad.device)] * (_DETAIL_WIDTH if detail else 1)
-    accumulator = _accumulator(grad)
     if tied_key is not None and grad.shape == weight.shape:
         l1, nonzero = _looked_up_rows(grad, record, tied_key, detail)
-    elif writable and _sole_owner(grad):
-        # |g| in place, then a plain sum: one read at full speed, where the L1 norm
-        # kernel runs at a third of it. Every other statistic is one of |g| too.
-        grad = grad.abs_()
-        l1 = grad.sum(dtype=accumulator)
-        nonzero = torch.count_nonzero(grad) if detail else None
+        if not detail:
+            return [l1]
+        l2, linf, _ = _magnitude_statistics(grad, buffers)[1:]
     else:
-        l1 = torch.linalg.vector_norm(grad, 1, dtype=accumulator)
-        nonzero = torch.count_nonzero(grad) if detail else None
+        l1, l2, linf, nonzero = _magnitude_statistics(grad, buffers, detail)
+        if not detail:
+            return [l1]
+    return [l1, l2, linf, nonzero, torch.linalg.vector_norm(weight, 2, dtype=_accumulator(weight))]
+
+
+def _magnitude_statistics(grad: torch.Tensor, buffers: dict, detail: bool = True) -> list:
+    """[sum, L2 norm, max, non-zero count] of |g| (only the sum unless ``detail``), reading ``grad`` once.
+
+    |g| of each chunk goes into a buffer the size of a cache, and every statistic is
+    taken from there: the L1 norm kernel reads at a third of the speed of abs and sum.
+    """
+    accumulator = _accumulator(grad)
+    if not grad.is_contiguous():  # rare (channels_last weights): read-only kernels, no copy
+        if not detail:
+            return [torch.linalg.vector_norm(grad, 1, dtype=accumulator), None, None, None]
+        low, high = torch.aminmax(grad)
+        return [
+            torch.linalg.vector_norm(grad, 1, dtype=accumulator),
+            torch.linalg.vector_norm(grad, 2, dtype=accumulator),
+            torch.maximum(-low, high),
+            torch.count_nonzero(grad),
+        ]
+    flat = grad.view(-1)
+    key = (grad.dtype, grad.device)
+    if key not in buffers or buffers[key].numel() < min(flat.numel(), _CHUNK):
+        buffers[key] = torch.empty(min(flat.numel(), _CHUNK), dtype=grad.dtype, device=grad.device)
+    buffer = buffers[key]
+    sums, norms, maxima, counts = [], [], [], []
+    for start in range(0, flat.numel(), _CHUNK):
+        piece = flat[start : start + _CHUNK]
+        magnitude = torch.abs(piece, out=buffer[: piece.numel()])
+        sums.append(magnitude.sum(dtype=accumulator))
+        if detail:
+            norms.append(torch.linalg.vector_norm(magnitude, 2, dtype=accumulator))
+            maxima.append(magnitude.amax())
+            counts.append(torch.count_nonzero(magnitude))
     if not detail:
-        return [l1]
-    low, high = torch.aminmax(grad)
+        return [torch.stack(sums).sum(), None, None, None]
     return [
-        l1,
-        torch.linalg.vector_norm(grad, 2, dtype=accumulator),
-        torch.maximum(-low, high),
-        nonzero,
-        torch.linalg.vector_norm(weight, 2, dtype=_accumulator(weight)),
+        torch.stack(sums).sum(),
+        torch.linalg.vector_norm(torch.stack(norms)),
+        torch.stack(maxima).amax(),
+        torch.stack(counts).sum(),
     ]
 
 
-def _sole_owner(tensor: torch.Tensor) -> bool:
-    """Whether no other tensor shares this one's memory: no view of it, no alias, no base.
-
-    A custom Function may hand back a gradient that aliases a tensor its user holds
-    (``grad_output.detach()``, a slice of a captured buffer); that one is only read.
-    """
-    if tensor._base is not None or _FRESH_STORAGE_USES is None:
-        return False
-    return _storage_uses(tensor) <= _FRESH_STORAGE_USES
-
-
-def _storage_uses(tensor: torch.Tensor) -> int:
-    storage = tensor.untyped_storage()  # held while counting: the count includes this handle
-    return torch._C._storage_Use_Count(storage._cdata)
-
-
-def _storage_uses_of_a_fresh_tensor() -> int | None:
-    if not hasattr(torch._C, "_storage_Use_Count"):  # private: without it nothing is written in place
-        return None
-    fresh = torch.empty(1)
-    return _storage_uses(fresh)
-
-
-_FRESH_STORAGE_USES = _storage_uses_of_a_fresh_tensor()
+# Elements of |g| taken at a time from a large gradient: 1 MB of float32, which stays in cache.
+_CHUNK = 1 << 18
 
 
 def _tied_embedding_weights(layers: list[_Layer], record: _Record) -> dict[int, int]:
@@ -575,29 +562,27 @@ def _layer_stats(layers, per_param, rows, record, detail: bool) -> list[LayerSta
                 l2_squared += row[_L2] ** 2
                 weight_squared += row[_WEIGHT_L2] ** 2
         received = len(unused) < len(layer.params)
-        extra = {}
+        detail_fields = ()
         if detail:
-            extra = {
-                "grad_max_abs": largest,
-                "grad_norm": math.sqrt(l2_squared),
-                "weight_norm": math.sqrt(weight_squared),
-                "zero_fraction": min(1.0, max(0.0, 1.0 - nonzero / counted)) if counted else 1.0,
-            }
+            zero_fraction = min(1.0, max(0.0, 1.0 - nonzero / counted)) if counted else 1.0
+            detail_fields = (largest, math.sqrt(l2_squared), math.sqrt(weight_squared), zero_fraction)
+        # Positional, in LayerStats' field order: keyword matching would cost twice as
+        # much, a microsecond per layer (tests/test_probe.py pins the order).
         stats.append(
             LayerStats(
-                name=_public_name(layer.name),
-                kind=kind[0],
-                numel=numel,
-                grad_mean_abs=_mean(matrix_l1, matrix_size) if has_matrix else _mean(other_l1, other_size),
-                finite=finite,
-                all_zero=all_zero and received,
-                executed=id(module) in record.order,
-                received_grad=received,
-                has_matrix=has_matrix,
-                is_norm=kind[1],
-                shared_with=[_public_name(name) for name in layer.sharers] if layer.sharers else [],
-                unused_parameters=unused,
-                **extra,
+                _public_name(layer.name),  # name
+                kind[0],  # kind
+                numel,
+                _mean(matrix_l1, matrix_size) if has_matrix else _mean(other_l1, other_size),  # grad_mean_abs
+                finite,
+                all_zero and received,  # all_zero
+                id(module) in record.order,  # executed
+                received,  # received_grad
+                has_matrix,
+                kind[1],  # is_norm
+                [_public_name(name) for name in layer.sharers] if layer.sharers else [],  # shared_with
+                unused,  # unused_parameters
+                *detail_fields,  # grad_max_abs, grad_norm, weight_norm, zero_fraction
             )
         )
     # A layer that never ran and got no gradient has no place in the execution
@@ -628,9 +613,10 @@ def isolated(model: nn.Module, seed: int, modules: list[nn.Module] | None = None
     """
     if modules is None:
         modules = list(model.modules())
-    modes = [module.training for module in modules]
-    buffers = []
+    modes, buffers, own_train = [], [], False
     for module in modules:
+        modes.append(module.training)
+        own_train = own_train or type(module).train is not nn.Module.train
         if module._buffers:
             saved = {name: (buf, None if buf is None else buf.detach().clone()) for name, buf in module._buffers.items()}
             buffers.append((module, saved))
@@ -638,7 +624,7 @@ def isolated(model: nn.Module, seed: int, modules: list[nn.Module] | None = None
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         cuda_devices = list(range(torch.cuda.device_count()))
     try:
-        if any(type(module).train is not nn.Module.train for module in modules):
+        if own_train:
             model.train()  # a model's own train() (one that keeps BatchNorm frozen, say) has its say
         else:
             _set_modes(modules, [True] * len(modules))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from pytest_gradcheck import GradientProfile, ProbeError, probe
+from pytest_gradcheck import GradientProfile, LayerStats, ProbeError, probe
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
 
@@ -783,3 +783,32 @@ def test_the_cycle_collector_is_left_as_it_was_even_when_forward_raises(collecti
         assert gc.isenabled() is collecting
     finally:
         gc.enable() if was else gc.disable()
+
+
+def test_layer_stats_fields_keep_the_order_the_probe_fills_them_in():
+    # The probe builds LayerStats positionally, for speed; a reordered field would mislabel numbers.
+    assert [field.name for field in dataclasses.fields(LayerStats)] == [
+        "name", "kind", "numel", "grad_mean_abs", "finite", "all_zero", "executed", "received_grad",
+        "has_matrix", "is_norm", "shared_with", "unused_parameters",
+        "grad_max_abs", "grad_norm", "weight_norm", "zero_fraction",
+    ]  # fmt: skip
+
+
+def test_tensors_outside_the_model_get_no_gradient():
+    # A scale the forward pass reads from outside the module tree (a closure, a global,
+    # an unregistered attribute) is a leaf of the graph, but not the probe's to touch.
+    outside = torch.ones(4, requires_grad=True)
+    inputs = torch.randn(3, 4, requires_grad=True)
+
+    class UsesOutside(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x * outside)
+
+    profile = probe(UsesOutside(), inputs)
+
+    assert outside.grad is None and inputs.grad is None
+    assert profile.layer("fc").grad_mean_abs > 0
