@@ -347,7 +347,8 @@ def _statistics(params: list[nn.Parameter], grads, tied: dict[int, int], record:
             for start in range(0, len(indices), count):
                 part = indices[start : start + count]
                 order.setdefault(device, []).extend(part)
-                rows = _stacked_rows([dense[i] for i in part], [params[i] for i in part], detail)
+                weights = [params[i] for i in part] if detail else None
+                rows = _stacked_rows([dense[i] for i in part], weights)
                 pieces.setdefault(device, []).append(rows)
         buffers: dict[tuple, torch.Tensor] = {}
         for device, indices in single.items():
@@ -364,7 +365,7 @@ def _statistics(params: list[nn.Parameter], grads, tied: dict[int, int], record:
         extras = [record.embedding_rows[key] for key in embedding_ids if record.embedding_rows[key].device == device]
         if loss.device == device:
             extras.append(loss.detach())
-        flat = [piece.reshape(-1) for piece in pieces.get(device, [])]
+        flat = [piece.reshape(-1) if piece.dim() > 1 else piece for piece in pieces.get(device, [])]
         values = torch.cat(flat + [extra.reshape(1).double() for extra in extras]).tolist()  # the one sync
         indices = order.get(device, [])
         if width == 1:
@@ -394,12 +395,13 @@ _SMALL_TENSOR = 1 << 14
 _PIECE_ELEMENTS = 1 << 14
 
 
-def _stacked_rows(grads: list[torch.Tensor], weights: list[torch.Tensor], detail: bool) -> torch.Tensor:
+def _stacked_rows(grads: list[torch.Tensor], weights: list[torch.Tensor] | None) -> torch.Tensor:
+    """Each gradient's L1 norm, or with ``weights`` (detail) its row of five statistics."""
     magnitude = torch.stack(grads).reshape(len(grads), -1).abs_()  # a copy the probe owns
     accumulator = _accumulator(magnitude)
     l1 = magnitude.sum(1, dtype=accumulator)
-    if not detail:
-        return l1.double().reshape(-1, 1)
+    if weights is None:
+        return l1  # the one cat before the host sync makes it float64
     stacked_weights = torch.stack(weights).reshape(len(weights), -1)
     columns = [
         l1,
