@@ -126,13 +126,20 @@ def time_child(case: str, reps: int, device: str) -> None:
     print(json.dumps(alternate(model, inputs, reps)))
 
 
-def peak_memory(case: str, mode: str, device: str) -> float:
-    """Peak bytes a single pass adds, measured in a fresh child process."""
-    out = subprocess.run(
-        [sys.executable, __file__, "--memory-child", case, mode, "--device", device],
-        capture_output=True, text=True, check=True,
-    )
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak"])
+def peak_memory(case: str, mode: str, device: str, children: int = 3) -> float:
+    """Peak bytes a single pass adds: the median of fresh child processes.
+
+    A CPU's resident set moves by a megabyte or so from one process to the next (the
+    allocator's arenas, the thread pool), which is a lot next to a 20 MB pass.
+    """
+    peaks = []
+    for _ in range(children):
+        out = subprocess.run(
+            [sys.executable, __file__, "--memory-child", case, mode, "--device", device],
+            capture_output=True, text=True, check=True,
+        )
+        peaks.append(float(json.loads(out.stdout.strip().splitlines()[-1])["peak"]))
+    return statistics.median(peaks)
 
 
 def memory_child(case: str, mode: str, device: str) -> None:

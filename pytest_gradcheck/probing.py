@@ -299,10 +299,10 @@ def _assign_owners(candidates: list[_Layer], record: _Record) -> list[_Layer]:
     layers = []
     for layer in ranked:
         kept = []
-        for key, param in layer.params:
-            owner = owner_of.setdefault(id(param), layer)
+        for entry in layer.params:
+            owner = owner_of.setdefault(id(entry[1]), layer)
             if owner is layer:
-                kept.append((key, param))
+                kept.append(entry)
             elif layer.name not in owner.sharers:
                 owner.sharers.append(layer.name)
         layer.params = kept
