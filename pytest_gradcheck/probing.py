@@ -80,7 +80,7 @@ def probe(
     model = unwrap(model)
     model_name = type(model).__name__
     fully_sharded = sharded.is_fully_sharded(model)
-    named_modules = module_tree(model)
+    named_modules = list(model.named_modules())
     candidates = _parameter_owners(named_modules)
     if not candidates:
         raise ProbeError(
@@ -117,9 +117,10 @@ def probe(
             grads = _gradients(loss, params)
             tied = _tied_embedding_weights(layers, record)
             per_param, rows, loss_value = _statistics(params, grads, tied, record, loss, detail)
+        stats = _layer_stats(layers, per_param, rows, record, detail)
     return GradientProfile(
         model=model_name,
-        layers=_layer_stats(layers, per_param, rows, record, detail),
+        layers=stats,
         loss=loss_value,
         seed=seed,
         device=str(params[0].device),
@@ -134,7 +135,8 @@ def _without_cyclic_gc():
 
     A probe of a 1,000-layer model allocates tens of thousands of small objects, nearly
     all freed by reference counting before it returns; left on, the collector traverses
-    them, and every object of the model, several times a probe: 10 ms of a 60 ms pass.
+    them, and every object of the model, several times a probe: about 10 ms a probe,
+    next to a 60 ms forward and backward pass.
     """
     collecting = gc.isenabled()
     gc.disable()
@@ -154,30 +156,6 @@ def _gradients(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Ten
     as fast as ``backward(inputs=...)`` into emptied ``.grad`` slots (README, Performance).
     """
     return list(torch.autograd.grad(loss, params, allow_unused=True))
-
-
-def module_tree(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``list(model.named_modules())``, in the same order, without a generator per module.
-
-    On a 1,000-layer model the recursive generators cost as much as the rest of the
-    probe's bookkeeping together.
-    """
-    found, seen = [], set()
-    stack = [("", model)]
-    while stack:
-        name, module = stack.pop()
-        if id(module) in seen:  # a module registered twice is listed once, under its first name
-            continue
-        seen.add(id(module))
-        found.append((name, module))
-        children = module._modules
-        if children:
-            stack.extend(
-                (f"{name}.{key}" if name else key, child)
-                for key, child in reversed(children.items())
-                if child is not None
-            )
-    return found
 
 
 def _parameter_owners(named_modules: list[tuple[str, nn.Module]]) -> list[_Layer]:
@@ -263,9 +241,9 @@ def _recorder(model: nn.Module, named_modules: list[tuple[str, nn.Module]], cand
     owners = {id(layer.module) for layer in candidates}
     hooked = [module for _, module in named_modules if module._modules or id(module) in owners]
     embeddings = [module for module in hooked if isinstance(module, nn.Embedding) and id(module) in owners]
-    # One registered hook whose id the other modules share: registering a thousand
-    # handles costs more than the rest of the bookkeeping of a 1,000-layer probe.
-    # The shared id is unique to this probe, and every entry is taken out again.
+    # One registered hook whose id the other modules share: a handle per module cost
+    # 3 to 4 ms on a 1,000-layer model, an entry in each module's hook dict a tenth of
+    # that. The shared id is unique to this probe, and every entry is taken out again.
     handle = model.register_forward_pre_hook(note)
     handles = [module.register_forward_pre_hook(note_lookup) for module in embeddings]
     shared = [module for module in hooked if module is not model]
@@ -357,7 +335,7 @@ def _statistics(params: list[nn.Parameter], grads, tied: dict[int, int], record:
             pieces.setdefault(device, []).append(torch.stack([torch.stack(c).double() for c in zip(*rows)], dim=1))
     embedding_ids = list(record.embedding_rows)
     devices = {*pieces, loss.device, *(record.embedding_rows[key].device for key in embedding_ids)}
-    per_param: list[list[float] | None] = [None] * len(params)
+    per_param: list[Any] = [None] * len(params)
     rows_used: dict[int, float] = {}
     loss_value = float("nan")
     width = _DETAIL_WIDTH if detail else 1
