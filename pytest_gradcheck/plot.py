@@ -126,7 +126,9 @@ def _draw(axes, profile: GradientProfile, findings: list[Finding], bounds: Bound
     x = list(range(len(layers)))
     means = [_positive(layer.grad_mean_abs) if layer.received_grad else math.nan for layer in layers]
     # The largest |grad| is there when the probe measured it (detail=True, as gradcheck and --grad-plot do).
-    maxes = [_positive(layer.grad_max_abs) if layer.received_grad else math.nan for layer in layers] if profile.detailed else []
+    maxes = []
+    if profile.detailed:
+        maxes = [_positive(layer.grad_max_abs) if layer.received_grad else math.nan for layer in layers]
     low, high = _value_range(means + maxes + _bound_levels(profile, bounds))
     axes.set_yscale("log")
     axes.set_ylim(low / 3, high * 3)

@@ -37,8 +37,9 @@ def make_profile(names: list[str], first_mean: float = 1e-4) -> GradientProfile:
         mean = first_mean * (1e-1 / first_mean) ** (index / max(1, count - 1))
         layers.append(
             LayerStats(
-                name, "Linear", 4160, mean, grad_max_abs=mean * 10, grad_norm=mean * 64, weight_norm=4.6, zero_fraction=0.0
-            )
+                name, "Linear", 4160, mean,
+                grad_max_abs=mean * 10, grad_norm=mean * 64, weight_norm=4.6, zero_fraction=0.0,
+            )  # fmt: skip
         )
     return GradientProfile(model="Net", layers=layers, loss=1.0)
 
@@ -212,3 +213,14 @@ def test_grad_plot_naming_a_file_is_a_usage_error(pytester):
 
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--grad-plot: *charts exists and is not a folder*"])
+
+
+def test_a_profile_probed_without_detail_plots_its_means(tmp_path):
+    profile = make_profile(["fc1", "fc2", "fc3"])
+    for layer in profile.layers:
+        layer.grad_max_abs = layer.grad_norm = layer.weight_norm = layer.zero_fraction = None
+    assert not profile.detailed
+
+    path = plot_profile(profile, check(profile, Bounds()), Bounds(), tmp_path / "fast.png")
+
+    assert png_size(path) == expected_pixels(profile)

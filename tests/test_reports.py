@@ -236,7 +236,8 @@ def test_a_failure_message_states_each_failing_finding_once_and_keeps_the_notes(
 
 
 def test_a_profile_without_detail_has_no_detail_columns():
-    fast = [layer(f"fc{i}", 10.0**-i, grad_max_abs=None, grad_norm=None, weight_norm=None, zero_fraction=None) for i in range(3)]
+    unmeasured = dict(grad_max_abs=None, grad_norm=None, weight_norm=None, zero_fraction=None)
+    fast = [layer(f"fc{i}", 10.0**-i, **unmeasured) for i in range(3)]
     profile = GradientProfile("Net", fast, loss=1.0)
 
     headers = report.table_headers(profile)
