@@ -569,9 +569,29 @@ def test_same_model_and_seed_give_identical_profiles():
 # ---------------------------------------------------------------- host syncs
 
 
-def test_one_host_sync_for_a_deep_model():
+class WideTiedLM(nn.Module):
+    """Large gradients (read in several chunks) and a tied embedding, next to small ones."""
+
+    def __init__(self, vocab: int = 1000, width: int = 300):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.wide = nn.Linear(width, 4 * width)  # 360,000 weights: two chunks
+        self.narrow = nn.Linear(4 * width, width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.narrow(torch.relu(self.wide(self.embed(ids)))))
+
+
+@pytest.mark.parametrize("detail", [False, True], ids=["fast", "detail"])
+@pytest.mark.parametrize("case", ["deep-mlp", "wide-tied"])
+def test_one_host_sync_per_probe(case, detail):
     torch.manual_seed(0)
-    model = mlp(*[16] * 51)
+    if case == "deep-mlp":
+        model, inputs, layers = mlp(*[16] * 51), None, 50
+    else:
+        model, inputs, layers = WideTiedLM(), torch.randint(0, 1000, (2, 8)), 3
     counts: dict[str, int] = {}
 
     def counting(name):
@@ -585,10 +605,11 @@ def test_one_host_sync_for_a_deep_model():
 
     names = ["item", "tolist", "cpu", "numpy", "__float__", "__bool__"]
     with mock.patch.multiple(torch.Tensor, **{name: counting(name) for name in names}):
-        profile = probe(model)
+        profile = probe(model, inputs, detail=detail)
 
-    assert len(profile.layers) == 50
+    assert len(profile.layers) == layers
     assert sum(counts.values()) <= 1, counts
+    assert profile.detailed is detail
 
 
 # ---------------------------------------------------------------- bad input
@@ -812,3 +833,21 @@ def test_tensors_outside_the_model_get_no_gradient():
 
     assert outside.grad is None and inputs.grad is None
     assert profile.layer("fc").grad_mean_abs > 0
+
+
+def test_a_gradient_read_in_several_chunks_gives_the_numbers_of_the_whole():
+    torch.manual_seed(0)
+    model, ids = WideTiedLM(), torch.randint(0, 1000, (2, 8))
+    twin = copy.deepcopy(model).train()
+    twin(ids).sum().backward()
+    weight, bias = twin.wide.weight.grad, twin.wide.bias.grad
+
+    wide = probe(model, ids, detail=True).layer("wide")
+
+    assert weight.numel() > 262_144  # more than one chunk
+    assert wide.grad_mean_abs == pytest.approx(weight.abs().mean().item(), rel=1e-5)
+    assert wide.grad_norm == pytest.approx(math.hypot(weight.norm().item(), bias.norm().item()), rel=1e-5)
+    assert wide.grad_max_abs == pytest.approx(max(weight.abs().max(), bias.abs().max()).item(), rel=1e-6)
+    zeros = (weight == 0).sum().item() + (bias == 0).sum().item()
+    assert wide.zero_fraction == pytest.approx(zeros / (weight.numel() + bias.numel()), abs=1e-7)
+    assert wide.weight_norm == pytest.approx(math.hypot(twin.wide.weight.norm().item(), twin.wide.bias.norm().item()), rel=1e-5)
