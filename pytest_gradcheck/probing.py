@@ -399,7 +399,7 @@ def _single_row(grad, weight, tied_key: int | None, record: _Record, detail: boo
         l1, nonzero = _looked_up_rows(grad, record, tied_key, detail)
         if not detail:
             return [l1]
-        l2, linf, _ = _magnitude_statistics(grad, buffers)[1:]
+        _, l2, linf, _ = _magnitude_statistics(grad, buffers)  # the whole table's; l1 and nonzero: looked-up rows
     else:
         l1, l2, linf, nonzero = _magnitude_statistics(grad, buffers, detail)
         if not detail:

@@ -51,7 +51,8 @@ def gradients(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tens
 
 
 def statistics(params, grads, embedding_rows: dict, loss: torch.Tensor):
-    """What ``probe._statistics`` returns, with sums and maxima all-reduced across the shards.
+    """What ``probing._statistics`` returns with ``detail`` (rows of five per parameter),
+    with sums and maxima all-reduced across the shards.
 
     Every rank must call this: it runs two collectives. Parameters that FSDP leaves
     unsharded hold unsynchronised local gradients, so only rank 0's numbers count for them.
