@@ -35,10 +35,12 @@ sys.path.insert(0, str(HERE.parent / "examples"))
 from models import build  # noqa: E402
 from seed_networks import ReLUNet, SigmoidNet  # noqa: E402
 
-from pytest_gradcheck import probe  # noqa: E402
-from pytest_gradcheck.bounds import Bounds  # noqa: E402
-from pytest_gradcheck.checks import verdict  # noqa: E402
-from pytest_gradcheck.health import assess  # noqa: E402
+from pytest_gradcheck import (
+    assess,
+    probe,
+)
+from pytest_gradcheck.core.bounds import Bounds  # noqa: E402
+from pytest_gradcheck.core.findings import verdict  # noqa: E402
 
 HEALTHY_TARGET = 1.10
 DEFAULT_MODELS = ["relu-net", "resnet18", "sigmoid-net", "mlp-10", "mlp-100"]

@@ -26,10 +26,10 @@ from torch import nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
 
-from seed_networks import ReLUNet, SigmoidNet, SmallInitNet  # noqa: E402
+from seed_networks import ReLUNet, SigmoidNet, SmallInitNet
 
-from pytest_gradcheck import probe  # noqa: E402
-from pytest_gradcheck.baseline import DEFAULT_TOLERANCE, compare, dumps_baseline, loads_baseline  # noqa: E402
+from pytest_gradcheck import probe
+from pytest_gradcheck.core.baseline import DEFAULT_TOLERANCE, compare, dumps_baseline, loads_baseline
 
 
 class SmallConvNet(nn.Module):

@@ -34,9 +34,9 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from models import build  # noqa: E402
+from models import build
 
-from pytest_gradcheck import probe  # noqa: E402
+from pytest_gradcheck import probe
 
 TARGETS = {"gpt2-small": 1.10, "resnet18": 1.10, "mlp-1000": 1.30}
 
@@ -47,8 +47,11 @@ def bare_pass(model, inputs):
 
 def seed_loop(model, inputs):
     model(inputs).sum().backward()
-    return [m.weight.grad.abs().mean().item() for m in model.modules() if getattr(m, "weight", None) is not None
-            and m.weight.dim() >= 2 and m.weight.grad is not None]
+    return [
+        m.weight.grad.abs().mean().item()
+        for m in model.modules()
+        if getattr(m, "weight", None) is not None and m.weight.dim() >= 2 and m.weight.grad is not None
+    ]
 
 
 def probe_pass(model, inputs):
@@ -115,7 +118,9 @@ def timings(case: str, reps: int, device: str) -> dict[str, float]:
     """Median seconds of each variant on ``case``, measured in a fresh child process."""
     out = subprocess.run(
         [sys.executable, __file__, "--time-child", case, str(reps), "--device", device],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -136,7 +141,9 @@ def peak_memory(case: str, mode: str, device: str, children: int = 3) -> float:
     for _ in range(children):
         out = subprocess.run(
             [sys.executable, __file__, "--memory-child", case, mode, "--device", device],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         peaks.append(float(json.loads(out.stdout.strip().splitlines()[-1])["peak"]))
     return statistics.median(peaks)
@@ -201,7 +208,11 @@ def main() -> int:
         time_child(args.time_child[0], int(args.time_child[1]), args.device)
         return 0
 
-    reps = {"gpt2-small": 3 if args.quick else 7, "resnet18": 5 if args.quick else 15, "mlp-1000": 5 if args.quick else 21}
+    reps = {
+        "gpt2-small": 3 if args.quick else 7,
+        "resnet18": 5 if args.quick else 15,
+        "mlp-1000": 5 if args.quick else 21,
+    }
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     rows, ok = [], True
     for case in args.models:
@@ -220,8 +231,10 @@ def main() -> int:
             f"{t['norms'] * 1e3:.1f} | {extra_vs_norms:.2f} (<= 2) | {memory:.3f} (<= 1.1) | "
             f"{t['detail/bare']:.3f} | {'ok' if passed else 'MISSED'} |"
         )
-    print("| model | bare ms | probe ms | seed loop ms | probe / bare | seed / bare | extra ms | foreach_norm ms "
-          "| extra / norms | peak memory probe / bare | detail / bare | targets |")
+    print(
+        "| model | bare ms | probe ms | seed loop ms | probe / bare | seed / bare | extra ms | foreach_norm ms "
+        "| extra / norms | peak memory probe / bare | detail / bare | targets |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
@@ -232,10 +245,14 @@ def main() -> int:
     for layers in (10, 100, 1000):
         t = timings(f"mlp-{layers}", 5 if args.quick else 15, args.device)
         per_layer[layers] = t["extra"] / layers
-        print(f"| {layers} | {t['bare'] * 1e3:.2f} | {t['probe'] * 1e3:.2f} | {t['probe'] / layers * 1e6:.1f} "
-              f"| {per_layer[layers] * 1e6:.1f} |")
+        print(
+            f"| {layers} | {t['bare'] * 1e3:.2f} | {t['probe'] * 1e3:.2f} | {t['probe'] / layers * 1e6:.1f} "
+            f"| {per_layer[layers] * 1e6:.1f} |"
+        )
     growth = per_layer[1000] / per_layer[100]
-    print(f"\nextra cost per layer at 1000 layers / at 100 layers: {growth:.2f} (1.0 is linear; a quadratic term shows as ~10)")
+    print(
+        f"\nextra cost per layer at 1000 layers / at 100 layers: {growth:.2f} (1.0 is linear; a quadratic term shows as ~10)"
+    )
     print("\nall targets met" if ok else "\nSOME TARGETS MISSED")
     return 0 if ok else 1
 

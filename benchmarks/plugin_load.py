@@ -20,12 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
-CONFTEST = '''
+CONFTEST = """
 import sys
 
 def pytest_collection_finish(session):
     print("torch imported:", "torch" in sys.modules)
-'''
+"""
 
 
 def make_project(root: Path) -> None:

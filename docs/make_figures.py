@@ -8,7 +8,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from pytest_gradcheck import cli
-from pytest_gradcheck.plot import draw
+from pytest_gradcheck.report.plot import draw
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "docs" / "seed-gradient-flow.png"

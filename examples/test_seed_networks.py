@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from seed_networks import ReLUNet, SigmoidNet, SmallInitNet
 
 from pytest_gradcheck import GradientHealthError
-
-from seed_networks import ReLUNet, SigmoidNet, SmallInitNet
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,8 @@
 """pytest-gradcheck: catch vanishing and exploding gradients in PyTorch models from your tests.
 
-Importing this package costs almost nothing: pytest loads the plugin in every run, so
-the public names are loaded on first use, and torch only when a probe runs.
+The public API is what this module exports; everything else may change. Importing it
+costs almost nothing: pytest loads the plugin in every run, so the public names are
+loaded on first use, and torch only when a probe runs.
 """
 
 from __future__ import annotations
@@ -9,25 +10,67 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from pytest_gradcheck._version import __version__
 
 # Public name -> the module that defines it.
 _EXPORTS = {
-    "Bounds": "pytest_gradcheck.bounds",
-    "Finding": "pytest_gradcheck.checks",
+    # Probing and judging a model.
+    "probe": "pytest_gradcheck.probing.runner",
+    "assess": "pytest_gradcheck.health",
+    "Assessment": "pytest_gradcheck.health",
+    "check": "pytest_gradcheck.core.checks",
+    "diagnose": "pytest_gradcheck.core.diagnosis",
+    "Bounds": "pytest_gradcheck.core.bounds",
+    # What they return: plain data.
+    "GradientProfile": "pytest_gradcheck.core.profile",
+    "LayerStats": "pytest_gradcheck.core.profile",
+    "ActivationProfile": "pytest_gradcheck.core.profile",
+    "Finding": "pytest_gradcheck.core.findings",
+    "Cause": "pytest_gradcheck.core.findings",
+    # Baseline files.
+    "load_baseline": "pytest_gradcheck.core.baseline",
+    "save_baseline": "pytest_gradcheck.core.baseline",
+    "compare_baseline": "pytest_gradcheck.core.baseline",
+    "BaselineComparison": "pytest_gradcheck.core.baseline",
+    # Errors.
     "GradientHealthError": "pytest_gradcheck.errors",
     "ProbeError": "pytest_gradcheck.errors",
     "BaselineFileError": "pytest_gradcheck.errors",
-    "GradientProfile": "pytest_gradcheck.profile",
-    "LayerStats": "pytest_gradcheck.profile",
+    "SettingError": "pytest_gradcheck.errors",
 }
-__all__ = sorted([*_EXPORTS, "probe"])
+__all__ = [
+    "ActivationProfile",
+    "Assessment",
+    "BaselineComparison",
+    "BaselineFileError",
+    "Bounds",
+    "Cause",
+    "Finding",
+    "GradientHealthError",
+    "GradientProfile",
+    "LayerStats",
+    "ProbeError",
+    "SettingError",
+    "__version__",
+    "assess",
+    "check",
+    "compare_baseline",
+    "diagnose",
+    "load_baseline",
+    "probe",
+    "save_baseline",
+]
 
 if TYPE_CHECKING:
-    from pytest_gradcheck.bounds import Bounds
-    from pytest_gradcheck.checks import Finding
-    from pytest_gradcheck.errors import BaselineFileError, GradientHealthError, ProbeError
-    from pytest_gradcheck.profile import GradientProfile, LayerStats
+    from pytest_gradcheck.core.baseline import BaselineComparison, compare_baseline, load_baseline, save_baseline
+    from pytest_gradcheck.core.bounds import Bounds
+    from pytest_gradcheck.core.checks import check
+    from pytest_gradcheck.core.diagnosis import diagnose
+    from pytest_gradcheck.core.findings import Cause, Finding
+    from pytest_gradcheck.core.profile import ActivationProfile, GradientProfile, LayerStats
+    from pytest_gradcheck.errors import BaselineFileError, GradientHealthError, ProbeError, SettingError
+    from pytest_gradcheck.health import Assessment, assess
+    from pytest_gradcheck.probing.runner import probe
 
 
 def __getattr__(name: str) -> Any:
@@ -40,19 +83,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS])
-
-
-def probe(model, inputs=None, *, loss_fn=None, seed=0, detail=False) -> GradientProfile:
-    """Run one forward and one backward pass of ``model`` and return its GradientProfile.
-
-    ``inputs`` is a tensor, a tuple or list (positional), a dict (keyword
-    arguments), a zero-argument callable returning one of these, or None to infer
-    them from the first layer. ``loss_fn(output)`` returns the scalar to
-    differentiate (default: the output's sum, or its ``loss`` entry). ``detail=True``
-    adds each layer's largest |grad|, gradient and weight L2 norms and share of exact
-    zeros, at the cost of more reads of every gradient. The model is left exactly as
-    it was. See README, "What the probe measures".
-    """
-    from pytest_gradcheck.probing import probe as run_probe
-
-    return run_probe(model, inputs, loss_fn=loss_fn, seed=seed, detail=detail)

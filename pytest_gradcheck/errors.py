@@ -1,6 +1,13 @@
-"""Exceptions raised to users: a failed health check and a probe that could not run."""
+"""Every exception pytest-gradcheck raises to its users, in one place."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pytest_gradcheck.core.findings import Finding
+    from pytest_gradcheck.core.profile import GradientProfile
 
 
 class ProbeError(ValueError):
@@ -10,7 +17,7 @@ class ProbeError(ValueError):
 class GradientHealthError(AssertionError):
     """A gradient check failed; carries the profile and the findings behind it."""
 
-    def __init__(self, message: str, profile=None, findings=()):
+    def __init__(self, message: str, profile: GradientProfile | None = None, findings: Sequence[Finding] = ()) -> None:
         super().__init__(message)
         self.profile = profile
         self.findings = list(findings)
@@ -19,7 +26,7 @@ class GradientHealthError(AssertionError):
 class BaselineFileError(ValueError):
     """A gradient baseline file is missing, unreadable, corrupt or written by a newer version."""
 
-    def __init__(self, path: str, problem: str, hint: bool = True):
+    def __init__(self, path: str, problem: str, hint: bool = True) -> None:
         message = f"gradient baseline {path} {problem}"
         if hint:
             # The file is never overwritten behind the user's back, so say how to replace it.
@@ -28,3 +35,30 @@ class BaselineFileError(ValueError):
         self.path = path
         self.problem = problem
         self.hint = hint
+
+
+class SettingError(ValueError):
+    """A bound or setting has a value it cannot take; ``setting`` names it as Python spells it.
+
+    The message says what the value must be. Where the value came from (an ini key, a
+    command-line flag, a keyword) is added by whoever read it.
+    """
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+class TargetError(Exception):
+    """The command line's TARGET could not be turned into a model; the message names the part that failed."""
+
+
+class PlotUnavailable(RuntimeError):
+    """A plot was asked for, but matplotlib is not installed; the message says what to install."""
+
+
+class CommandLineError(Exception):
+    """The ``gradcheck`` command cannot go on: a bad option, or a TARGET that cannot be loaded or probed.
+
+    The command prints the message on one line and exits with status 2.
+    """

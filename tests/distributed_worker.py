@@ -24,9 +24,7 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
 def make_model() -> nn.Module:
     torch.manual_seed(0)  # every rank builds the same weights
     # The 1-wide head leaves rank 1 of 2 an empty FSDP shard of both of its parameters.
-    return nn.Sequential(
-        nn.Linear(8, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1)
-    )
+    return nn.Sequential(nn.Linear(8, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
 
 
 def local_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:

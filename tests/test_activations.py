@@ -8,9 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pytest_gradcheck.activations import measure
-from pytest_gradcheck.profile import ActivationProfile, GradientProfile
-from pytest_gradcheck.probing import probe
+from pytest_gradcheck import probe
+from pytest_gradcheck.core.profile import ActivationProfile, GradientProfile
+from pytest_gradcheck.probing.runner import ModelRun
+
+
+def measure(model, inputs=None, seed=0) -> ActivationProfile:
+    """The instrumented pass alone, set up as a probe's."""
+    with ModelRun(model, inputs, seed=seed) as run:
+        return run.activation_profile()
+
 
 # A Linear with zero weights: its output is its bias for every sample, whatever the input.
 DEAD_HALF = [-1.0, -2.0, 2.0, 3.0]  # two of four ReLU units are dead
@@ -184,7 +191,7 @@ def test_an_older_profile_dict_without_activations_still_loads():
 def test_rule_thresholds_compare_as_deepdiagnosis_does():
     # Forms has exactly half its ReLU units dead and half its sigmoid inputs saturated.
     from pytest_gradcheck import Bounds
-    from pytest_gradcheck.checks import check
+    from pytest_gradcheck.core.checks import check
 
     torch.manual_seed(0)
     model = Forms("functional")

@@ -8,20 +8,20 @@ import os
 
 import pytest
 
-from pytest_gradcheck import baseline as baseline_mod
-from pytest_gradcheck.baseline import (
+from pytest_gradcheck.core import baseline as baseline_mod
+from pytest_gradcheck.core.baseline import (
     SCHEMA_VERSION,
     baseline_path,
-    compare,
+    compare_baseline,
     dumps_baseline,
     load_baseline,
     loads_baseline,
     parse_tolerance,
     save_baseline,
 )
+from pytest_gradcheck.core.profile import GradientProfile, LayerStats
 from pytest_gradcheck.errors import BaselineFileError
-from pytest_gradcheck.profile import GradientProfile, LayerStats
-from pytest_gradcheck.report import render_baseline_diff, render_baseline_failure
+from pytest_gradcheck.report.baseline_text import problem_lines, render_baseline_diff, render_baseline_failure
 
 
 def make_layer(name: str, mean: float, kind: str = "Linear", numel: int = 4160) -> LayerStats:
@@ -96,7 +96,7 @@ def test_round_trip_keeps_layers_order_and_ratio(tmp_path):
     assert [layer.name for layer in loaded.layers] == ["fc1", "fc2", "fc3"]
     assert loaded.ratio == pytest.approx(profile.ratio, rel=1e-3)
     assert loaded.input_shapes == ["x: float32[8, 64]"]
-    assert compare(loaded, profile, 1.0 + 1e-3).passed
+    assert compare_baseline(loaded, profile, 1.0 + 1e-3).passed
 
 
 def test_dump_is_byte_identical_for_values_that_differ_below_the_rounding():
@@ -207,8 +207,8 @@ def test_unsafe_parametrize_ids_become_distinct_portable_names(tmp_path):
 
 def test_equal_profiles_pass_with_no_problems():
     profile = make_profile(1e-3, 2e-3, 4e-3)
-    comparison = compare(profile, profile)
-    assert comparison.passed and comparison.problems() == []
+    comparison = compare_baseline(profile, profile)
+    assert comparison.passed and problem_lines(comparison) == []
     assert [delta.factor for delta in comparison.layers] == [1.0, 1.0, 1.0]
     assert comparison.ratio_factor == 1.0
 
@@ -217,7 +217,7 @@ def test_equal_profiles_pass_with_no_problems():
 def test_a_layer_fails_only_beyond_the_tolerance_either_way(factor, passes):
     before = make_profile(1e-3, 2e-3, 4e-3)
     now = make_profile(1e-3, 2e-3 * factor, 4e-3)
-    comparison = compare(before, now, tolerance=2.0)
+    comparison = compare_baseline(before, now, tolerance=2.0)
     assert comparison.passed is passes
     assert [delta.name for delta in comparison.moved] == ([] if passes else ["fc2"])
 
@@ -225,10 +225,10 @@ def test_a_layer_fails_only_beyond_the_tolerance_either_way(factor, passes):
 def test_first_layer_drop_fails_on_the_layer_and_on_the_ratio():
     before = make_profile(1e-3, 2e-3, 4e-3)
     now = make_profile(1e-4, 2e-3, 4e-3)
-    comparison = compare(before, now, tolerance=2.0)
+    comparison = compare_baseline(before, now, tolerance=2.0)
     assert not comparison.passed
     assert comparison.ratio_moved and comparison.ratio_factor == pytest.approx(0.1)
-    problems = "\n".join(comparison.problems())
+    problems = "\n".join(problem_lines(comparison))
     assert "fc1 0.1x" in problems
     assert "first/last ratio moved 0.1x (baseline 0.25, now 0.025), beyond 2x" in problems
 
@@ -236,7 +236,7 @@ def test_first_layer_drop_fails_on_the_layer_and_on_the_ratio():
 def test_ratio_alone_can_fail_when_each_layer_stays_within_tolerance():
     before = make_profile(1e-3, 2e-3, 4e-3)
     now = make_profile(1.9e-3, 2e-3, 2.1e-3)  # first x1.9, last x0.525: ratio x3.6
-    comparison = compare(before, now, tolerance=2.0)
+    comparison = compare_baseline(before, now, tolerance=2.0)
     assert comparison.moved == [] and comparison.ratio_moved and not comparison.passed
 
 
@@ -244,17 +244,21 @@ def test_layer_set_changes_name_added_removed_and_renamed_layers():
     before = make_profile(1e-3, 2e-3, 4e-3, names=["encoder.fc", "mid", "head"])
     now = GradientProfile(
         model="Net",
-        layers=[make_layer("enc.fc", 1e-3), make_layer("mid", 2e-3), make_layer("norm", 1e-3, kind="LayerNorm", numel=128)],
+        layers=[
+            make_layer("enc.fc", 1e-3),
+            make_layer("mid", 2e-3),
+            make_layer("norm", 1e-3, kind="LayerNorm", numel=128),
+        ],
         loss=1.0,
     )
     now.layers.append(make_layer("head", 4e-3))
     before.layers.insert(2, make_layer("dropped", 1e-3, kind="Conv2d", numel=99))
-    comparison = compare(before, now)
+    comparison = compare_baseline(before, now)
     assert comparison.renamed == [("encoder.fc", "enc.fc")]
     assert comparison.added == ["norm"]
     assert comparison.removed == ["dropped"]
     assert not comparison.passed
-    problems = comparison.problems()
+    problems = problem_lines(comparison)
     assert "layers added: norm" in problems
     assert "layers removed: dropped" in problems
     assert "layers renamed: encoder.fc -> enc.fc" in problems
@@ -262,10 +266,10 @@ def test_layer_set_changes_name_added_removed_and_renamed_layers():
 
 def test_zero_and_non_finite_gradients_compare_sensibly():
     before = make_profile(0.0, 2e-3, 4e-3)
-    assert compare(before, make_profile(0.0, 2e-3, 4e-3)).passed
-    woke = compare(before, make_profile(1e-6, 2e-3, 4e-3))
+    assert compare_baseline(before, make_profile(0.0, 2e-3, 4e-3)).passed
+    woke = compare_baseline(before, make_profile(1e-6, 2e-3, 4e-3))
     assert woke.layers[0].factor == math.inf and woke.layers[0].status == "moved"
-    broken = compare(make_profile(1e-3, 2e-3, 4e-3), make_profile(1e-3, math.nan, 4e-3))
+    broken = compare_baseline(make_profile(1e-3, 2e-3, 4e-3), make_profile(1e-3, math.nan, 4e-3))
     assert [delta.name for delta in broken.moved] == ["fc2"]
 
 
@@ -276,11 +280,11 @@ def test_tolerance_must_be_a_factor_of_at_least_one():
     with pytest.raises(ValueError, match="must be a number"):
         parse_tolerance("lots")
     with pytest.raises(ValueError, match="at least 1"):
-        compare(make_profile(1e-3, 2e-3), make_profile(1e-3, 2e-3), tolerance=0.5)
+        compare_baseline(make_profile(1e-3, 2e-3), make_profile(1e-3, 2e-3), tolerance=0.5)
 
 
 def test_comparison_to_dict_is_json_ready():
-    comparison = compare(make_profile(1e-3, 2e-3), make_profile(1e-4, 2e-3, 5e-3))
+    comparison = compare_baseline(make_profile(1e-3, 2e-3), make_profile(1e-4, 2e-3, 5e-3))
     data = json.loads(json.dumps(comparison.to_dict()))
     assert data["passed"] is False
     assert data["added"] == ["fc3"]
@@ -291,7 +295,7 @@ def test_comparison_to_dict_is_json_ready():
 
 
 def test_diff_table_shows_baseline_now_factor_and_marks_only_layers_out_of_tolerance():
-    comparison = compare(make_profile(1e-3, 2e-3, 4e-3), make_profile(1e-4, 2.5e-3, 4e-3), tolerance=2.0)
+    comparison = compare_baseline(make_profile(1e-3, 2e-3, 4e-3), make_profile(1e-4, 2.5e-3, 4e-3), tolerance=2.0)
     table = render_baseline_diff(comparison)
     lines = table.splitlines()
     assert "tolerance 2x either way" in lines[0]
@@ -304,8 +308,10 @@ def test_diff_table_shows_baseline_now_factor_and_marks_only_layers_out_of_toler
 
 
 def test_failure_message_names_the_file_and_the_next_step():
-    comparison = compare(make_profile(1e-3, 2e-3), make_profile(1e-3, 2e-3, 1e-3))
-    message = render_baseline_failure(comparison, "tests/__gradcheck__/m/test_x.json", "pytest --grad-baseline-update X")
+    comparison = compare_baseline(make_profile(1e-3, 2e-3), make_profile(1e-3, 2e-3, 1e-3))
+    message = render_baseline_failure(
+        comparison, "tests/__gradcheck__/m/test_x.json", "pytest --grad-baseline-update X"
+    )
     assert message.startswith("gradient baseline check failed for Net against tests/__gradcheck__/m/test_x.json:")
     assert "layers added: fc3" in message and "<< added" in message
     assert message.endswith("refresh the baseline: pytest --grad-baseline-update X")

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from pytest_gradcheck.bounds import (
+from pytest_gradcheck import SettingError
+from pytest_gradcheck.core.bounds import (
     DEFAULT_MAX_RATIO,
     DEFAULT_MIN_RATIO,
     Bounds,
@@ -47,15 +48,22 @@ def test_off_words_switch_a_bound_off(raw):
     ],
 )
 def test_bad_values_give_a_clear_error(raw, problem):
-    with pytest.raises(ValueError, match="^gradcheck: min_ratio " + problem.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(SettingError, match="^min_ratio " + problem.replace("[", r"\[").replace("]", r"\]")):
         resolve({"min_ratio": raw})
 
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        ("true", True), ("Yes", True), ("1", True), ("on", True), (True, True),
-        ("false", False), ("0", False), ("off", False), (False, False),
+        ("true", True),
+        ("Yes", True),
+        ("1", True),
+        ("on", True),
+        (True, True),
+        ("false", False),
+        ("0", False),
+        ("off", False),
+        (False, False),
     ],
 )
 def test_fail_on_unused_parses_booleans(raw, expected):

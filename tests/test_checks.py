@@ -7,9 +7,10 @@ import math
 
 import pytest
 
-from pytest_gradcheck.bounds import Bounds
-from pytest_gradcheck.checks import CheckResult, Finding, check, failing, verdict
-from pytest_gradcheck.profile import GradientProfile, LayerStats
+from pytest_gradcheck.core.bounds import Bounds
+from pytest_gradcheck.core.checks import check
+from pytest_gradcheck.core.findings import CheckResult, Finding, failing, verdict
+from pytest_gradcheck.core.profile import GradientProfile, LayerStats
 
 
 def layer(name: str, mean: float = 1.0, **fields) -> LayerStats:
@@ -178,12 +179,12 @@ def test_max_grad_leaves_nonfinite_layers_to_their_own_rule():
 def test_profile_check_takes_explicit_bounds():
     net = profile(layer("fc1", 1e-3), layer("fc2", 1.0))
 
-    assert rules(net.check()) == ["vanishing"]  # no bound given: the defaults apply
-    assert net.check(min_ratio="off") == []
-    assert rules(net.check(min_ratio=0.02)) == ["vanishing"]
-    assert rules(net.check(min_ratio=1e-4, max_ratio=1e-2)) == []
+    assert rules(check(net)) == ["vanishing"]  # no bound given: the defaults apply
+    assert check(net, min_ratio="off") == []
+    assert rules(check(net, min_ratio=0.02)) == ["vanishing"]
+    assert rules(check(net, min_ratio=1e-4, max_ratio=1e-2)) == []
     with pytest.raises(TypeError):
-        net.check(min_ratoi=0.1)
+        check(net, min_ratoi=0.1)
 
 
 # ---------------------------------------------------------------- verdicts

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from pytest_gradcheck.cli import EXIT_FAILING, EXIT_HEALTHY, EXIT_USAGE, main
+from pytest_gradcheck.cli.command import EXIT_FAILING, EXIT_HEALTHY, EXIT_USAGE, main
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SEED = str(ROOT / "examples" / "seed_networks.py")
@@ -117,8 +117,21 @@ def test_instance_and_factory_targets(capsys, models_file, attr):
 
 
 def test_integer_and_float_inputs_per_shape(capsys, models_file):
-    argv = [f"{models_file}:Tokens", "--input-shape", "2,5", "--input-shape", "1",
-            "--input-dtype", "int64", "--input-dtype", "float32", "--format", "json", "--seed", "3"]
+    argv = [
+        f"{models_file}:Tokens",
+        "--input-shape",
+        "2,5",
+        "--input-shape",
+        "1",
+        "--input-dtype",
+        "int64",
+        "--input-dtype",
+        "float32",
+        "--format",
+        "json",
+        "--seed",
+        "3",
+    ]
     code, out, err = run_cli(capsys, *argv)
     assert code == EXIT_HEALTHY, err
     result = json.loads(out)["results"][0]
@@ -183,8 +196,21 @@ def test_module_that_fails_to_import_is_reported_with_its_location(capsys, tmp_p
         (["--input-shape", "1,x"], "'1,x' is not a shape"),
         (["--input-shape", "1,0"], "every size must be a positive integer"),
         (["--input-dtype", "int64"], "--input-dtype needs --input-shape"),
-        (["--input-shape", "1,64", "--input-shape", "1,64", "--input-dtype", "float32", "--input-dtype",
-          "int64", "--input-dtype", "bool"], "got 3 --input-dtype for 2 --input-shape"),
+        (
+            [
+                "--input-shape",
+                "1,64",
+                "--input-shape",
+                "1,64",
+                "--input-dtype",
+                "float32",
+                "--input-dtype",
+                "int64",
+                "--input-dtype",
+                "bool",
+            ],
+            "got 3 --input-dtype for 2 --input-shape",
+        ),
         (["--min-ratio", "5", "--max-ratio", "1"], "min_ratio=5.0 is above max_ratio=1.0"),
         (["--min-ratio", "lots"], "min_ratio must be a number or 'off'"),
         (["--fail-on-unused", "maybe"], "fail_on_unused must be true or false"),
@@ -222,7 +248,10 @@ def test_pytest_grad_plot_without_matplotlib_is_a_usage_error(pytester, monkeypa
     pytester.makepyfile("def test_nothing():\n    pass\n")
     result = pytester.runpytest("--grad-plot", "plots")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert 'ERROR: --grad-plot: gradient-flow plots need matplotlib, which is not installed; run: pip install "pytest-gradcheck[plot]"' in result.stderr.lines
+    assert (
+        'ERROR: --grad-plot: gradient-flow plots need matplotlib, which is not installed; run: pip install "pytest-gradcheck[plot]"'
+        in result.stderr.lines
+    )
 
 
 def test_baseline_round_trip_and_regression(capsys, tmp_path):
@@ -270,13 +299,15 @@ def _run(*argv):
 
 
 def test_help_and_option_errors_do_not_import_torch_or_matplotlib():
-    code = "import sys, pytest_gradcheck.cli, pytest_gradcheck.plot; print(sorted({'torch', 'matplotlib'} & set(sys.modules)))"
+    code = "import sys, pytest_gradcheck.cli, pytest_gradcheck.report.plot; print(sorted({'torch', 'matplotlib'} & set(sys.modules)))"
     done = _run(sys.executable, "-c", code)
     assert done.stdout.strip() == "[]", done.stderr
 
 
 def test_python_dash_m_exits_1_on_the_sigmoid_net():
-    done = _run(sys.executable, "-m", "pytest_gradcheck", "examples/seed_networks.py:SigmoidNet", "--input-shape", "1,64")
+    done = _run(
+        sys.executable, "-m", "pytest_gradcheck", "examples/seed_networks.py:SigmoidNet", "--input-shape", "1,64"
+    )
     assert done.returncode == EXIT_FAILING, done.stderr
     assert "verdict: vanishing" in done.stdout
 

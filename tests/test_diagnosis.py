@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pytest_gradcheck import Bounds
-from pytest_gradcheck.bounds import resolve
-from pytest_gradcheck.checks import CheckResult, check, failing
-from pytest_gradcheck.diagnosis import diagnose
-from pytest_gradcheck.health import assess
+from pytest_gradcheck import Bounds, assess
+from pytest_gradcheck.core.bounds import resolve
+from pytest_gradcheck.core.checks import check
+from pytest_gradcheck.core.diagnosis import diagnose
+from pytest_gradcheck.core.findings import CheckResult, failing
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -91,25 +91,25 @@ def fresh(cls, *args, **kwargs):
 def test_sigmoid_net_first_cause_is_saturating_sigmoids():
     _, causes = causes_of(fresh(SigmoidNet))
     first = causes[0]
-    assert first["cause"] == "saturation"
-    evidence = first["evidence"]
+    assert first.cause == "saturation"
+    evidence = first.evidence
     assert (evidence["function"], evidence["calls"], evidence["derivative_bound"]) == ("sigmoid", 3, 0.25)
     assert evidence["where"] == ["after fc1", "after fc2", "after fc3"]
     assert evidence["chain_factor"] <= 0.25**3
-    assert "sigmoid" in first["summary"] and "ReLU" in first["fix"]
+    assert "sigmoid" in first.summary and "ReLU" in first.fix
 
 
 def test_small_init_net_first_cause_is_initialisation_near_12x():
     _, causes = causes_of(fresh(SmallInitNet))
     first = causes[0]
-    assert first["cause"] == "initialisation"
-    evidence = first["evidence"]
+    assert first.cause == "initialisation"
+    evidence = first.evidence
     # std 0.01 against 1/sqrt(64) = 0.125: fan-in 64, no activation (gain 1).
     assert evidence["factor"] == pytest.approx(12.5, rel=0.05)
     assert evidence["reference_std"] == pytest.approx(0.125)
     assert (evidence["gain"], evidence["fan_in"], evidence["direction"]) == (1.0, 64, "below")
     assert evidence["layers"] == ["fc1", "fc2", "fc3", "fc4"]
-    assert "12.5x below" in first["summary"]
+    assert "12.5x below" in first.summary
 
 
 class SmallInitWithSideHead(SmallInitNet):
@@ -127,21 +127,21 @@ class SmallInitWithSideHead(SmallInitNet):
 
 def test_initialisation_cause_names_only_layers_between_the_first_and_the_last():
     _, causes = causes_of(fresh(SmallInitWithSideHead))
-    evidence = causes[0]["evidence"]
-    assert causes[0]["cause"] == "initialisation"
+    evidence = causes[0].evidence
+    assert causes[0].cause == "initialisation"
     assert evidence["layers"] == ["fc1", "fc2", "fc3", "fc4"]
     assert evidence["factor"] == pytest.approx(12.5, rel=0.05)  # not dragged towards side's 1000x
-    assert "side" not in causes[0]["summary"]
+    assert "side" not in causes[0].summary
 
 
 def test_plain_deep_relu_mlp_names_depth():
     _, causes = causes_of(fresh(PlainReLU))
     first = causes[0]
-    assert first["cause"] == "depth"
-    assert first["evidence"]["shortest_chain"] == first["evidence"]["longest_chain"] == 10
-    assert first["evidence"]["normalisation_layers"] == 0
-    assert "no residual connection, no normalisation" in first["summary"]
-    assert [c["cause"] for c in causes] == ["depth"]  # default init alone is not flagged
+    assert first.cause == "depth"
+    assert first.evidence["shortest_chain"] == first.evidence["longest_chain"] == 10
+    assert first.evidence["normalisation_layers"] == 0
+    assert "no residual connection, no normalisation" in first.summary
+    assert [c.cause for c in causes] == ["depth"]  # default init alone is not flagged
 
 
 def test_healthy_relu_net_gets_no_cause():
@@ -162,9 +162,9 @@ def test_residual_connections_clear_depth_even_when_forced():
 def test_unrolled_tanh_rnn_names_the_recurrence():
     _, causes = causes_of(fresh(UnrolledTanhRNN))
     first = causes[0]
-    assert first["cause"] == "recurrence"
-    assert (first["evidence"]["layer"], first["evidence"]["steps"]) == ("rec", 50)
-    assert "nn.GRU" in first["fix"]
+    assert first.cause == "recurrence"
+    assert (first.evidence["layer"], first.evidence["steps"]) == ("rec", 50)
+    assert "nn.GRU" in first.fix
 
 
 def test_tanh_rnn_with_large_recurrent_weights_explodes_from_its_init():
@@ -172,21 +172,21 @@ def test_tanh_rnn_with_large_recurrent_weights_explodes_from_its_init():
     nn.init.normal_(model.rec.weight, std=1.0)
     _, causes = causes_of(model, rule="exploding")
     first = causes[0]
-    assert first["cause"] == "initialisation"
-    assert first["evidence"]["direction"] == "above"
-    assert first["evidence"]["layers"] == ["rec"]
-    assert first["evidence"]["gain"] == pytest.approx(5 / 3)
-    assert "clip_grad_norm_" in next(c["fix"] for c in causes if c["cause"] == "recurrence")
+    assert first.cause == "initialisation"
+    assert first.evidence["direction"] == "above"
+    assert first.evidence["layers"] == ["rec"]
+    assert first.evidence["gain"] == pytest.approx(5 / 3)
+    assert "clip_grad_norm_" in next(c.fix for c in causes if c.cause == "recurrence")
 
 
 def test_relus_killed_by_a_negative_bias_name_dead_relus():
     _, causes = causes_of(fresh(NegativeBiasNet))
     first = causes[0]
-    assert first["cause"] == "dead_relu"
-    assert first["evidence"]["where"] == ["after fc2"]
-    assert first["evidence"]["dead_share"] == 1.0
-    assert first["evidence"]["input_mean"] < -0.5
-    assert "bias of fc2" in first["fix"]
+    assert first.cause == "dead_relu"
+    assert first.evidence["where"] == ["after fc2"]
+    assert first.evidence["dead_share"] == 1.0
+    assert first.evidence["input_mean"] < -0.5
+    assert "bias of fc2" in first.fix
 
 
 def test_healthy_probe_skips_the_activation_pass():

@@ -11,7 +11,7 @@ from model_state import assert_untouched, snapshot
 from torch import nn
 
 from pytest_gradcheck import Bounds, ProbeError, probe
-from pytest_gradcheck.checks import check
+from pytest_gradcheck.core.checks import check
 
 
 def probe_error(model: nn.Module, inputs=None, **kwargs) -> str:

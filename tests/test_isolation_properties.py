@@ -153,7 +153,8 @@ def test_frozen_parameters_never_appear_in_the_profile(recipe):
         return
     profile = run_probe(model, inputs, recipe)
     frozen_owners = {
-        name for name, module in model.named_modules()
+        name
+        for name, module in model.named_modules()
         if any(not param.requires_grad for param in module.parameters(recurse=False))
     }
     assert not frozen_owners & {layer.name for layer in profile.layers}

@@ -11,11 +11,12 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from pytest_gradcheck.bounds import Bounds  # noqa: E402
-from pytest_gradcheck.checks import check  # noqa: E402
-from pytest_gradcheck.cli import EXIT_FAILING, EXIT_USAGE, main  # noqa: E402
-from pytest_gradcheck.files import safe_name  # noqa: E402
-from pytest_gradcheck.plot import (  # noqa: E402
+from pytest_gradcheck.cli.command import EXIT_FAILING, EXIT_USAGE, main
+from pytest_gradcheck.core.bounds import Bounds
+from pytest_gradcheck.core.checks import check
+from pytest_gradcheck.core.files import safe_name
+from pytest_gradcheck.core.profile import GradientProfile, LayerStats
+from pytest_gradcheck.report.plot import (
     DPI,
     LABEL_LIMIT,
     figure_size,
@@ -23,7 +24,6 @@ from pytest_gradcheck.plot import (  # noqa: E402
     plot_profile,
     short_label,
 )
-from pytest_gradcheck.profile import GradientProfile, LayerStats  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -37,8 +37,14 @@ def make_profile(names: list[str], first_mean: float = 1e-4) -> GradientProfile:
         mean = first_mean * (1e-1 / first_mean) ** (index / max(1, count - 1))
         layers.append(
             LayerStats(
-                name, "Linear", 4160, mean,
-                grad_max_abs=mean * 10, grad_norm=mean * 64, weight_norm=4.6, zero_fraction=0.0,
+                name,
+                "Linear",
+                4160,
+                mean,
+                grad_max_abs=mean * 10,
+                grad_norm=mean * 64,
+                weight_norm=4.6,
+                zero_fraction=0.0,
             )  # fmt: skip
         )
     return GradientProfile(model="Net", layers=layers, loss=1.0)
@@ -119,12 +125,18 @@ def test_short_label_keeps_the_head_and_the_most_specific_tail():
 
 
 def test_plot_filename_is_filesystem_safe_and_follows_the_node_id():
-    assert plot_filename("tests/test_net.py::TestNet::test_fit[cpu-a-b]") == "tests.test_net--TestNet--test_fit[cpu-a-b].png"
+    assert (
+        plot_filename("tests/test_net.py::TestNet::test_fit[cpu-a-b]")
+        == "tests.test_net--TestNet--test_fit[cpu-a-b].png"
+    )
     # Ids that differ only in characters a file name cannot hold still get their own files.
     unsafe = [plot_filename(f"t.py::test[a{sep}b]") for sep in "/: "]
     assert len(set(unsafe)) == 3
     assert all(re.fullmatch(r"t--test\[a_b\]-[0-9a-f]{8}\.png", name) for name in unsafe)
-    assert plot_filename("test_net.py::test_fit", name="encoder", index=1, suffix=".svg") == "test_net--test_fit--encoder-2.svg"
+    assert (
+        plot_filename("test_net.py::test_fit", name="encoder", index=1, suffix=".svg")
+        == "test_net--test_fit--encoder-2.svg"
+    )
     long_ids = [f"tests/test_x.py::test_y[{'p' * 300}{i}]" for i in range(2)]
     names = [plot_filename(nodeid) for nodeid in long_ids]
     assert names[0] != names[1]
@@ -202,7 +214,6 @@ def test_grad_plot_under_xdist(pytester):
     written = {path.name for path in (pytester.path / "plots").iterdir()}
     assert written == {"test_probed--test_healthy.png", f"test_probed--{TWICE}--encoder.png"}
     result.stdout.fnmatch_lines(["gradcheck: wrote 2 gradient-flow plot(s) to *plots"])
-
 
 
 def test_grad_plot_naming_a_file_is_a_usage_error(pytester):

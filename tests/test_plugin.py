@@ -167,7 +167,7 @@ def test_bounds_layer_ini_cli_marker_keyword(pytester: pytest.Pytester, ini, arg
     for report in result.reprec.getreports("pytest_runtest_logreport"):
         if report.when == "call":
             test = report.nodeid.split("::")[1]
-            bounds = report.gradcheck[0]["bounds"]
+            bounds = report.gradcheck["results"][0]["bounds"]
             applied[test] = (bounds["min_ratio"], bounds["max_ratio"])
             if report.failed:
                 failed.add(test)

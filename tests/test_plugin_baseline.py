@@ -208,7 +208,10 @@ def test_percent_tolerance(gradient_health):
 def test_corrupt_or_newer_files_fail_naming_them_and_are_only_rewritten_on_update(pytester: pytest.Pytester):
     bad = {
         "test_corrupt": ('{"schema_version": 1, "layers": [', "is corrupt: not valid JSON*--grad-baseline-update"),
-        "test_newer": ('{"schema_version": 7}', "has schema_version 7, newer than this pytest-gradcheck reads (1); upgrade*"),
+        "test_newer": (
+            '{"schema_version": 7}',
+            "has schema_version 7, newer than this pytest-gradcheck reads (1); upgrade*",
+        ),
     }
     for module, (content, _) in bad.items():
         pytester.makepyfile(**{module: MODEL_MODULE.format(init_std=0.1)})

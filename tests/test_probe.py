@@ -14,11 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from pytest_gradcheck import GradientProfile, LayerStats, ProbeError, probe
+from pytest_gradcheck import GradientProfile, LayerStats, ProbeError, check, probe
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
 
-from seed_networks import ReLUNet, SigmoidNet, SmallInitNet  # noqa: E402
+from seed_networks import ReLUNet, SigmoidNet, SmallInitNet
 
 
 def mlp(*widths: int, activation=nn.ReLU) -> nn.Sequential:
@@ -252,8 +252,8 @@ def test_without_detail_the_probe_measures_mean_finiteness_and_all_zero_only():
 def test_max_grad_needs_a_detailed_profile():
     profile = probe(mlp(4, 4, 2), torch.randn(3, 4))
     with pytest.raises(ValueError, match=r"max_grad needs each layer's largest \|grad\|.*detail=True"):
-        profile.check(max_grad=1.0)
-    assert probe(mlp(4, 4, 2), torch.randn(3, 4), detail=True).check(max_grad=1e9) == []
+        check(profile, max_grad=1.0)
+    assert check(probe(mlp(4, 4, 2), torch.randn(3, 4), detail=True), max_grad=1e9) == []
 
 
 def test_bias_only_layers_use_their_one_dimensional_parameters():
@@ -298,7 +298,7 @@ def test_dead_layer_has_only_zero_gradients():
         for name in ("0", "2"):
             assert profile.layer(name).all_zero and profile.layer(name).dead
         assert not profile.layer("4").dead  # its bias still learns
-        dead = [finding for finding in profile.check() if finding.rule == "dead"]
+        dead = [finding for finding in check(profile) if finding.rule == "dead"]
         assert dead[0].layers == ["0", "2"] and dead[0].failing
     assert profile.layer("0").zero_fraction == 1.0
     assert profile.layer("4").grad_max_abs > 0
@@ -314,7 +314,7 @@ def test_nonfinite_gradients_are_flagged():
     # relu(NaN) is NaN, so the NaN reaches the next layer's weight gradient.
     assert not profile.layer("2").finite
     assert math.isnan(profile.ratio)
-    assert [f.layers for f in profile.check() if f.rule == "nonfinite"] == [["2"]]
+    assert [f.layers for f in check(profile) if f.rule == "nonfinite"] == [["2"]]
 
 
 # ---------------------------------------------------------------- first and last picks
@@ -347,9 +347,9 @@ def test_picks_skip_norms_bias_only_and_layers_without_gradient():
     assert pooler.unused_parameters == ["pooler.weight", "pooler.bias"]
     assert profile.layer("shift").received_grad and not profile.layer("shift").has_matrix
     assert profile.layer("norm_in").is_norm and profile.layer("norm_out").is_norm
-    unused = [finding for finding in profile.check() if finding.rule == "unused"]
+    unused = [finding for finding in check(profile) if finding.rule == "unused"]
     assert len(unused) == 1 and unused[0].layers == ["pooler"] and not unused[0].failing
-    assert [f.rule for f in profile.check(fail_on_unused=True) if f.failing] == ["unused"]
+    assert [f.rule for f in check(profile, fail_on_unused=True) if f.failing] == ["unused"]
 
 
 def test_a_single_pickable_layer_gives_no_ratio():
@@ -676,7 +676,7 @@ def test_seed_networks_reproduce_the_notebook(weights_seed):
 
 def test_public_probe_stays_callable_once_the_engine_module_is_imported():
     import pytest_gradcheck
-    import pytest_gradcheck.probing  # noqa: F401  (the fixture imports it on first use)
+    import pytest_gradcheck.probing
 
     profile = pytest_gradcheck.probe(nn.Linear(3, 2), torch.randn(2, 3), seed=1)
 
@@ -850,4 +850,6 @@ def test_a_gradient_read_in_several_chunks_gives_the_numbers_of_the_whole():
     assert wide.grad_max_abs == pytest.approx(max(weight.abs().max(), bias.abs().max()).item(), rel=1e-6)
     zeros = (weight == 0).sum().item() + (bias == 0).sum().item()
     assert wide.zero_fraction == pytest.approx(zeros / (weight.numel() + bias.numel()), abs=1e-7)
-    assert wide.weight_norm == pytest.approx(math.hypot(twin.wide.weight.norm().item(), twin.wide.bias.norm().item()), rel=1e-5)
+    assert wide.weight_norm == pytest.approx(
+        math.hypot(twin.wide.weight.norm().item(), twin.wide.bias.norm().item()), rel=1e-5
+    )

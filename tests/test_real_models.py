@@ -10,7 +10,7 @@ from model_state import assert_untouched, snapshot, trainable_numel
 from torch import nn
 
 from pytest_gradcheck import Bounds, probe
-from pytest_gradcheck.checks import check
+from pytest_gradcheck.core.checks import check
 
 transformers = pytest.importorskip("transformers")
 
@@ -41,19 +41,31 @@ def assert_counted_once(profile, model: nn.Module) -> None:
 def tiny_gpt2(n_layer: int = 2) -> nn.Module:
     torch.manual_seed(0)
     config = transformers.GPT2Config(
-        n_layer=n_layer, n_embd=64, n_head=2, vocab_size=VOCAB, n_positions=64,
-        bos_token_id=0, eos_token_id=0,
+        n_layer=n_layer,
+        n_embd=64,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
         # No dropout, so the probe's loss can be compared with a plain forward pass.
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     return transformers.GPT2LMHeadModel(config)
 
 
 def tiny_bert_config() -> transformers.BertConfig:
     return transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=128, max_position_embeddings=64,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
 
 
@@ -105,9 +117,7 @@ def test_bert_masked_lm_ties_the_decoder_to_word_embeddings():
 def test_bert_pooler_outside_the_loss_is_reported_unused():
     model = transformers.BertModel(tiny_bert_config())  # with its pooler
     ids = token_batch()
-    profile = probe_untouched(
-        model, {"input_ids": ids}, loss_fn=lambda output: output.last_hidden_state.pow(2).mean()
-    )
+    profile = probe_untouched(model, {"input_ids": ids}, loss_fn=lambda output: output.last_hidden_state.pow(2).mean())
 
     pooler = profile.layer("pooler.dense")
     assert pooler.executed and not pooler.received_grad
@@ -136,9 +146,7 @@ def test_bert_pooler_outside_the_loss_is_reported_unused():
 )
 def test_transformer_encoder_layers_in_execution_order(norm_first, block):
     torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(
-        d_model=32, nhead=2, dim_feedforward=64, batch_first=True, norm_first=norm_first
-    )
+    layer = nn.TransformerEncoderLayer(d_model=32, nhead=2, dim_feedforward=64, batch_first=True, norm_first=norm_first)
     final_norm = nn.LayerNorm(32) if norm_first else None  # pre-norm stacks end with one
     model = nn.TransformerEncoder(layer, num_layers=2, norm=final_norm, enable_nested_tensor=False)
     profile = probe_untouched(model, torch.randn(4, 10, 32))
@@ -191,9 +199,15 @@ def test_recurrent_net_over_a_long_sequence(rnn_type):
 def test_conv_net_with_batchnorm_keeps_running_statistics():
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
     )
     with torch.no_grad():  # running statistics that a probe in train mode would move
         model(torch.randn(16, 3, 16, 16) * 3 + 1)

@@ -1,4 +1,4 @@
-"""The renderers in report.py, fed synthetic profiles: no model, no torch, no pytest run."""
+"""The renderers, fed synthetic profiles: no model, no torch, no pytest run."""
 
 from __future__ import annotations
 
@@ -7,10 +7,24 @@ import math
 
 import pytest
 
-from pytest_gradcheck import report
-from pytest_gradcheck.bounds import Bounds
-from pytest_gradcheck.checks import CheckResult, check
-from pytest_gradcheck.profile import GradientProfile, LayerStats
+from pytest_gradcheck.core.bounds import Bounds
+from pytest_gradcheck.core.checks import check
+from pytest_gradcheck.core.findings import CheckResult
+from pytest_gradcheck.core.profile import GradientProfile, LayerStats
+from pytest_gradcheck.report.format import finding_lines, junit_properties
+from pytest_gradcheck.report.json_report import SCHEMA_VERSION, render_json
+from pytest_gradcheck.report.markdown import render_markdown
+from pytest_gradcheck.report.table import (
+    BAR_COLUMN,
+    DETAIL_HEADERS,
+    bar_scale,
+    grad_bar,
+    layer_rows,
+    render_failure,
+    render_table,
+    shown_rows,
+    table_headers,
+)
 
 
 def layer(name: str, mean: float, **fields) -> LayerStats:
@@ -60,7 +74,7 @@ def deep_profile() -> GradientProfile:
 
 def test_bar_grows_one_step_per_equal_factor_of_mean_grad():
     scale = (1e-6, 1.0)
-    bars = [report.grad_bar(value, scale) for value in (1e-6, 1e-4, 1e-2, 1.0)]
+    bars = [grad_bar(value, scale) for value in (1e-6, 1e-4, 1e-2, 1.0)]
 
     assert [len(bar) for bar in bars] == [1, 5, 8, 12]
     assert set("".join(bars)) == {"#"}
@@ -69,8 +83,8 @@ def test_bar_grows_one_step_per_equal_factor_of_mean_grad():
 def test_bar_scale_spans_at_least_three_decades_so_a_healthy_profile_stays_full():
     profile = GradientProfile("Healthy", [layer(f"fc{i}", 0.1 * (1 + i / 4)) for i in range(4)], loss=1.0)
 
-    low, high = report.bar_scale(profile)
-    bars = [report.grad_bar(stats.grad_mean_abs, (low, high)) for stats in profile.layers]
+    low, high = bar_scale(profile)
+    bars = [grad_bar(stats.grad_mean_abs, (low, high)) for stats in profile.layers]
 
     assert high == pytest.approx(0.175)
     assert low == pytest.approx(high / 1000)
@@ -80,16 +94,16 @@ def test_bar_scale_spans_at_least_three_decades_so_a_healthy_profile_stays_full(
 def test_zero_missing_and_non_finite_gradients_draw_no_bar():
     scale = (1e-3, 1.0)
 
-    assert report.grad_bar(0.0, scale) == ""
-    assert report.grad_bar(float("nan"), scale) == ""
-    assert report.grad_bar(float("inf"), scale) == ""
-    assert report.grad_bar(0.5, None) == ""
+    assert grad_bar(0.0, scale) == ""
+    assert grad_bar(float("nan"), scale) == ""
+    assert grad_bar(float("inf"), scale) == ""
+    assert grad_bar(0.5, None) == ""
 
 
 def test_table_shows_the_bar_column_and_its_scale():
     profile = GradientProfile("Vanishing", [layer("fc1", 1e-5), layer("fc2", 1e-2), layer("fc3", 1.0)], loss=1.0)
 
-    text = report.render_table(profile, [])
+    text = render_table(profile, [])
     rows = table_rows(text)
 
     assert "log 1e-05..1e+00" in text.splitlines()[1]
@@ -100,7 +114,7 @@ def test_150_layer_table_fits_40_rows_and_keeps_its_worst_layers(deep_profile):
     result = result_for(deep_profile)
     rules = {finding.rule for finding in result.findings}
 
-    text = report.render_table(deep_profile, result.findings, max_rows=40)
+    text = render_table(deep_profile, result.findings, max_rows=40)
     shown = [int(row[0]) for row in table_rows(text)]
 
     assert {"dead", "nonfinite"} <= rules
@@ -113,12 +127,8 @@ def test_150_layer_table_fits_40_rows_and_keeps_its_worst_layers(deep_profile):
 
 
 def test_truncation_fills_its_budget_from_both_ends_of_the_ranking(deep_profile):
-    shown = report.shown_rows(deep_profile, [], max_rows=10)
-    means = sorted(
-        (stats.grad_mean_abs, index)
-        for index, stats in enumerate(deep_profile.layers)
-        if stats.finite
-    )
+    shown = shown_rows(deep_profile, [], max_rows=10)
+    means = sorted((stats.grad_mean_abs, index) for index, stats in enumerate(deep_profile.layers) if stats.finite)
 
     assert len(shown) == 10
     assert {means[0][1], means[1][1], means[-1][1], means[-2][1]} <= set(shown)
@@ -129,7 +139,7 @@ def test_findings_naming_more_layers_than_fit_still_respect_the_budget():
     profile = GradientProfile("MostlyDead", layers, loss=1.0)
     result = result_for(profile)
 
-    shown = report.shown_rows(profile, result.findings, max_rows=10)
+    shown = shown_rows(profile, result.findings, max_rows=10)
 
     assert len(shown) == 10
     assert {0, 60} <= set(shown)
@@ -137,7 +147,7 @@ def test_findings_naming_more_layers_than_fit_still_respect_the_budget():
 
 @pytest.mark.parametrize("max_rows", [None, 0, 150, 500])
 def test_no_limit_or_a_large_one_shows_every_layer(deep_profile, max_rows):
-    text = report.render_table(deep_profile, [], max_rows=max_rows)
+    text = render_table(deep_profile, [], max_rows=max_rows)
 
     assert len(table_rows(text)) == 150
     assert "left out" not in text
@@ -146,17 +156,17 @@ def test_no_limit_or_a_large_one_shows_every_layer(deep_profile, max_rows):
 def test_findings_are_listed_under_the_table(deep_profile):
     result = result_for(deep_profile)
 
-    text = report.render_table(deep_profile, result.findings, max_rows=40)
-    tail = text.splitlines()[-len(result.findings):]
+    text = render_table(deep_profile, result.findings, max_rows=40)
+    tail = text.splitlines()[-len(result.findings) :]
 
-    assert tail == [line for finding in result.findings for line in report.finding_lines(finding)]
+    assert tail == [line for finding in result.findings for line in finding_lines(finding)]
     assert tail[0].startswith("  FAIL ")
 
 
 def test_markdown_holds_every_layer_in_a_well_formed_table(deep_profile):
     result = result_for(deep_profile)
 
-    text = report.render_markdown([result])
+    text = render_markdown([result])
     rows = [line for line in text.splitlines() if line.startswith("| ") and "`h." in line]
 
     assert len(rows) == 150
@@ -173,7 +183,7 @@ def test_markdown_overview_lists_every_probed_model_in_the_given_order():
     vanishing = GradientProfile("Vanishing", [layer("fc1", 1e-6), layer("fc2", 1.0)], loss=1.0)
     results = [result_for(vanishing, "b.py::test_v"), result_for(healthy, "a.py::test_h", name="small")]
 
-    text = report.render_markdown(results)
+    text = render_markdown(results)
     overview = text[: text.index("<details")]
 
     assert overview.index("b.py::test_v") < overview.index("a.py::test_h [small]")
@@ -182,16 +192,16 @@ def test_markdown_overview_lists_every_probed_model_in_the_given_order():
 
 
 def test_markdown_for_a_run_that_probed_nothing_says_so():
-    assert "No test probed a model." in report.render_markdown([])
+    assert "No test probed a model." in render_markdown([])
 
 
 def test_json_document_carries_schema_version_and_every_result_in_full(deep_profile):
     small = GradientProfile("Small", [layer("fc1", 0.1), layer("fc2", 0.3)], loss=0.5)
     results = [result_for(small, "a.py::test_small"), result_for(deep_profile, "a.py::test_deep")]
 
-    document = json.loads(report.render_json(results))
+    document = json.loads(render_json(results))
 
-    assert document["schema_version"] == report.SCHEMA_VERSION
+    assert document["schema_version"] == SCHEMA_VERSION
     assert [entry["nodeid"] for entry in document["results"]] == ["a.py::test_small", "a.py::test_deep"]
     assert document["results"][0] == results[0].to_dict()
     assert CheckResult.from_dict(document["results"][0]) == results[0]
@@ -205,7 +215,7 @@ def test_json_is_strict_non_finite_numbers_become_strings(deep_profile):
     def refuse(constant):
         raise AssertionError(f"non-standard JSON constant {constant}")
 
-    text = report.render_json([result_for(deep_profile)])
+    text = render_json([result_for(deep_profile)])
     document = json.loads(text, parse_constant=refuse)
 
     nan_layer = document["results"][0]["profile"]["layers"][120]
@@ -217,19 +227,23 @@ def test_junit_properties_name_the_ratio_and_the_verdict():
     vanishing = GradientProfile("Vanishing", [layer("fc1", 1e-6), layer("fc2", 1.0)], loss=1.0)
     single = GradientProfile("Single", [layer("fc1", 0.1)], loss=1.0)
 
-    assert report.junit_properties(result_for(vanishing)) == [("grad_ratio", "1e-06"), ("grad_verdict", "vanishing")]
-    assert report.junit_properties(result_for(single)) == [("grad_ratio", "n/a"), ("grad_verdict", "healthy")]
+    assert junit_properties(result_for(vanishing)) == [("grad_ratio", "1e-06"), ("grad_verdict", "vanishing")]
+    assert junit_properties(result_for(single)) == [("grad_ratio", "n/a"), ("grad_verdict", "healthy")]
 
 
 def test_a_failure_message_states_each_failing_finding_once_and_keeps_the_notes():
     profile = GradientProfile(
         model="Net",
-        layers=[layer("fc1", 1e-4), layer("fc2", 1.0), layer("spare", 0.0, received_grad=False, unused_parameters=["spare.w"])],
+        layers=[
+            layer("fc1", 1e-4),
+            layer("fc2", 1.0),
+            layer("spare", 0.0, received_grad=False, unused_parameters=["spare.w"]),
+        ],
         loss=1.0,
     )
     findings = check(profile, Bounds())
 
-    message = report.render_failure(profile, findings)
+    message = render_failure(profile, findings)
 
     assert message.count("vanishing gradients: first/last ratio") == 1
     assert "note unused: unused parameters: 1 trainable parameter(s) got no gradient (spare.w)" in message
@@ -240,11 +254,11 @@ def test_a_profile_without_detail_has_no_detail_columns():
     fast = [layer(f"fc{i}", 10.0**-i, **unmeasured) for i in range(3)]
     profile = GradientProfile("Net", fast, loss=1.0)
 
-    headers = report.table_headers(profile)
-    rows = report.layer_rows(profile, [])
+    headers = table_headers(profile)
+    rows = layer_rows(profile, [])
 
-    assert not set(report.DETAIL_HEADERS) & set(headers)
+    assert not set(DETAIL_HEADERS) & set(headers)
     assert all(len(row) == len(headers) for row in rows)
     detailed = GradientProfile("Net", [layer(f"fc{i}", 10.0**-i) for i in range(3)], loss=1.0)
-    assert report.table_headers(detailed)[report.BAR_COLUMN + 1 : report.BAR_COLUMN + 5] == report.DETAIL_HEADERS
-    assert "max |grad|" not in report.render_table(profile, [])
+    assert table_headers(detailed)[BAR_COLUMN + 1 : BAR_COLUMN + 5] == DETAIL_HEADERS
+    assert "max |grad|" not in render_table(profile, [])

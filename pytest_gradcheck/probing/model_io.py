@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -83,8 +84,7 @@ def loss_of(output: Any, loss_fn: Callable[[Any], torch.Tensor] | None, model_na
         loss = loss_fn(output)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.dtype.is_floating_point:
             raise ProbeError(
-                f"loss_fn must return a scalar floating-point tensor; for {model_name} it returned "
-                f"{_kind_of(loss)}"
+                f"loss_fn must return a scalar floating-point tensor; for {model_name} it returned {_kind_of(loss)}"
             )
         return loss.reshape(()).float()
     explicit = _loss_entry(output)

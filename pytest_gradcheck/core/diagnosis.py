@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
 
-from pytest_gradcheck.bounds import DEFAULT_DEAD_RELU, DEFAULT_SATURATION, Bounds
-from pytest_gradcheck.profile import ActivationStats, GradientProfile, InitScale
+from pytest_gradcheck.core.bounds import DEFAULT_DEAD_RELU, DEFAULT_SATURATION, Bounds
+from pytest_gradcheck.core.findings import Cause, Finding
+from pytest_gradcheck.core.profile import ActivationProfile, ActivationStats, GradientProfile, InitScale
+from pytest_gradcheck.errors import SettingError
 
 CAUSES = ("saturation", "dead_relu", "initialisation", "depth", "recurrence")
 DIAGNOSED_RULES = ("vanishing", "exploding")
@@ -25,22 +27,29 @@ RECURRENCE_LIMIT = 4
 MAX_LOG10 = 30.0
 
 
-def attach(profile: GradientProfile, findings: list, bounds: Bounds | None = None) -> None:
-    """Fill ``causes`` on every vanishing or exploding finding, best explanation first."""
-    for finding in findings:
-        if finding.rule in DIAGNOSED_RULES:
-            finding.causes = diagnose(profile, finding.rule, bounds)
+def explain(profile: GradientProfile, findings: list[Finding], bounds: Bounds | None = None) -> list[Finding]:
+    """``findings`` with the ranked causes of each vanishing or exploding one, best explanation first.
+
+    Returns new findings; the ones given are left as they are.
+    """
+    return [
+        dataclasses.replace(finding, causes=tuple(diagnose(profile, finding.rule, bounds)))
+        if finding.rule in DIAGNOSED_RULES
+        else finding
+        for finding in findings
+    ]
 
 
-def diagnose(profile: GradientProfile, rule: str, bounds: Bounds | None = None) -> list[dict[str, Any]]:
+def diagnose(profile: GradientProfile, rule: str, bounds: Bounds | None = None) -> list[Cause]:
     """Ranked causes of ``rule`` ('vanishing' or 'exploding'); [] when nothing stands out.
 
-    Each cause is a dict: ``cause`` (one of CAUSES), ``summary`` (one line), ``evidence``
-    (the numbers, with ``log10_factor``: how many decades of the first/last ratio it
-    accounts for) and ``fix``. Needs ``profile.activations`` (health.assess fills it).
+    Each :class:`Cause` has a ``cause`` (one of CAUSES), a one-line ``summary``, the
+    ``evidence`` (the numbers, with ``log10_factor``: how many decades of the first/last
+    ratio it accounts for) and a ``fix``. Needs ``profile.activations``, which
+    ``pytest_gradcheck.assess`` measures whenever a finding needs explaining.
     """
     if rule not in DIAGNOSED_RULES:
-        raise ValueError(f"gradcheck: diagnose() explains {' or '.join(DIAGNOSED_RULES)}, not {rule!r}")
+        raise SettingError("rule", f"diagnose() explains {' or '.join(DIAGNOSED_RULES)}, not {rule!r}")
     data = profile.activations
     if data is None:
         return []
@@ -52,9 +61,9 @@ def diagnose(profile: GradientProfile, rule: str, bounds: Bounds | None = None) 
         causes += _saturation(chain, data.sites, bounds)
         causes += _dead_relu(chain, data.sites, bounds)
     causes += _initialisation(chain, data.init_scales, data.repeated, vanishing)
-    explained = sum(cause["evidence"]["log10_factor"] for cause in causes)
+    explained = sum(cause.log10_factor for cause in causes)
     causes += _depth(chain, data, vanishing, explained)
-    causes.sort(key=lambda cause: -cause["evidence"]["log10_factor"])
+    causes.sort(key=lambda cause: -cause.log10_factor)
     return causes
 
 
@@ -92,13 +101,14 @@ def _decades(ratio: float | None) -> float:
     return min(MAX_LOG10, abs(math.log10(ratio)))
 
 
-def _saturation(chain: _Chain, sites: list[ActivationStats], bounds: Bounds) -> list[dict]:
-    saturating = [s for s in sites if s.mean_derivative is not None and s.function in ("sigmoid", "tanh")]
-    on_chain = [s for s in saturating if chain.holds(s)]
+def _saturation(chain: _Chain, sites: list[ActivationStats], bounds: Bounds) -> list[Cause]:
+    on_chain = [s for s in sites if s.function in ("sigmoid", "tanh") and chain.holds(s)]
+    derivatives = [(s.calls, s.mean_derivative) for s in on_chain if s.mean_derivative is not None]
+    on_chain = [s for s in on_chain if s.mean_derivative is not None]
     if not on_chain:
         return []
     calls = sum(s.calls for s in on_chain)
-    log10_factor = -sum(s.calls * math.log10(max(s.mean_derivative, 1e-30)) for s in on_chain)
+    log10_factor = -sum(count * math.log10(max(derivative, 1e-30)) for count, derivative in derivatives)
     threshold = bounds.saturation if bounds.saturation is not None else DEFAULT_SATURATION
     saturated = max(on_chain, key=lambda s: s.saturated_share or 0.0)
     if 10**-log10_factor > SATURATION_CHAIN_FACTOR and (saturated.saturated_share or 0.0) <= threshold:
@@ -137,20 +147,24 @@ def _saturation(chain: _Chain, sites: list[ActivationStats], bounds: Bounds) -> 
         "saturated_share": share,
         "log10_factor": log10_factor,
     }
-    return [{"cause": "saturation", "summary": summary, "evidence": evidence, "fix": fix}]
+    return [Cause("saturation", summary, evidence, fix)]
 
 
-def _dead_relu(chain: _Chain, sites: list[ActivationStats], bounds: Bounds) -> list[dict]:
+def _dead_relu(chain: _Chain, sites: list[ActivationStats], bounds: Bounds) -> list[Cause]:
     threshold = bounds.dead_relu if bounds.dead_relu is not None else DEFAULT_DEAD_RELU
-    dead = [s for s in sites if s.dead_share is not None and s.dead_share >= threshold and chain.holds(s)]
+    dead: list[tuple[ActivationStats, float]] = []
+    for site in sites:
+        share = site.dead_share
+        if share is not None and share >= threshold and chain.holds(site):
+            dead.append((site, share))
     if not dead:
         return []
     # The gradient reaching a layer through a ReLU scales with the share of units still alive.
-    log10_factor = -sum(s.calls * math.log10(max(1.0 - s.dead_share, 1e-6)) for s in dead)
-    worst = max(dead, key=lambda s: s.dead_share)
+    log10_factor = -sum(s.calls * math.log10(max(1.0 - share, 1e-6)) for s, share in dead)
+    worst, worst_share = max(dead, key=lambda pair: pair[1])
     inputs = f", mean input {worst.input_mean:.3g}" if worst.input_mean is not None else ""
     summary = (
-        f"dead ReLUs: {worst.dead_share:.0%} of the units {worst.where} ({worst.call}{inputs}) are zero "
+        f"dead ReLUs: {worst_share:.0%} of the units {worst.where} ({worst.call}{inputs}) are zero "
         f"for every sample in the batch (threshold {threshold:.0%})"
         + (f", and {len(dead) - 1} more site(s) over it" if len(dead) > 1 else "")
         + "; no gradient flows back through a dead unit"
@@ -161,16 +175,16 @@ def _dead_relu(chain: _Chain, sites: list[ActivationStats], bounds: Bounds) -> l
         "learning rate, or use LeakyReLU/GELU"
     )
     evidence = {
-        "where": [s.where for s in dead],
-        "dead_share": worst.dead_share,
+        "where": [s.where for s, _ in dead],
+        "dead_share": worst_share,
         "input_mean": worst.input_mean,
         "threshold": threshold,
         "log10_factor": min(MAX_LOG10, log10_factor),
     }
-    return [{"cause": "dead_relu", "summary": summary, "evidence": evidence, "fix": fix}]
+    return [Cause("dead_relu", summary, evidence, fix)]
 
 
-def _initialisation(chain: _Chain, scales: list[InitScale], repeated: dict[str, int], vanishing: bool) -> list[dict]:
+def _initialisation(chain: _Chain, scales: list[InitScale], repeated: dict[str, int], vanishing: bool) -> list[Cause]:
     def off(scale: InitScale) -> float:
         """How many times too small (vanishing) or too large (exploding); below 1: the other way."""
         if scale.std <= 0.0:
@@ -215,10 +229,10 @@ def _initialisation(chain: _Chain, scales: list[InitScale], repeated: dict[str, 
         "gain": worst.gain,
         "log10_factor": min(MAX_LOG10, log10_factor),
     }
-    return [{"cause": "initialisation", "summary": summary, "evidence": evidence, "fix": fix}]
+    return [Cause("initialisation", summary, evidence, fix)]
 
 
-def _depth(chain: _Chain, data, vanishing: bool, explained: float) -> list[dict]:
+def _depth(chain: _Chain, data: ActivationProfile, vanishing: bool, explained: float) -> list[Cause]:
     """Depth (or an unrolled recurrence) takes whatever part of the ratio the specific causes leave."""
     shortest = data.shortest_chain
     if shortest < DEPTH_LIMIT:
@@ -231,8 +245,8 @@ def _depth(chain: _Chain, data, vanishing: bool, explained: float) -> list[dict]
     rate = f"; the gradient {change} about {per_layer:.3g}x per " if per_layer else ""
     norms = len(data.normalisation)
     looped = {name: count for name, count in data.repeated.items() if name in chain.layers}
-    recurrent = max(looped, key=looped.get, default=None)
-    evidence = {
+    recurrent = max(looped, key=lambda name: looped[name], default=None)
+    evidence: dict[str, float | int | str | None] = {
         "shortest_chain": shortest,
         "longest_chain": data.longest_chain,
         "normalisation_layers": norms,
@@ -250,7 +264,7 @@ def _depth(chain: _Chain, data, vanishing: bool, explained: float) -> list[dict]
             "or backpropagate through fewer steps (truncated BPTT)"
             + ("" if vanishing else "; clip gradients with torch.nn.utils.clip_grad_norm_")
         )
-        return [{"cause": "recurrence", "summary": summary, "evidence": evidence, "fix": fix}]
+        return [Cause("recurrence", summary, evidence, fix)]
     normalised = "no normalisation" if not norms else f"{norms} normalisation layer(s)"
     if shortest == data.longest_chain:
         shape = f"{shortest} weight layers in a plain stack (no residual connection, {normalised})"
@@ -263,7 +277,7 @@ def _depth(chain: _Chain, data, vanishing: bool, explained: float) -> list[dict]
         "add residual connections (x = x + block(x)) or normalisation (LayerNorm/BatchNorm) every few layers, "
         "or use Kaiming init (nn.init.kaiming_normal_) so each layer keeps the gradient scale; or use fewer layers"
     )
-    return [{"cause": "depth", "summary": summary, "evidence": evidence, "fix": fix}]
+    return [Cause("depth", summary, evidence, fix)]
 
 
 def _places(sites: list[ActivationStats]) -> str:
@@ -276,4 +290,3 @@ def _names(names: list[str], prefix: str = "") -> str:
     if len(unique) <= 4:
         return prefix + ", ".join(unique)
     return f"{prefix}{unique[0]}, {unique[1]}, ... {unique[-1]} ({len(unique)})"
-

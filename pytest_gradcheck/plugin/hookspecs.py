@@ -1,12 +1,16 @@
-"""Hooks pytest-gradcheck calls, for a project's conftest.py to implement."""
+"""The plugin's own hooks, for a project's conftest.py to implement."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+
+from pytest_gradcheck.core.profile import GradientProfile
 
 
 @pytest.hookspec(firstresult=True)
-def pytest_gradcheck_make_inputs(model):
+def pytest_gradcheck_make_inputs(model: Any) -> Any:
     """Default inputs for ``model`` when a test calls ``gradient_health(model)`` without inputs.
 
     Return anything ``inputs=`` accepts: a tensor, a tuple or list of positional
@@ -19,7 +23,7 @@ def pytest_gradcheck_make_inputs(model):
 
 
 @pytest.hookspec
-def pytest_gradcheck_profile(item, profile):
+def pytest_gradcheck_profile(item: pytest.Item, profile: GradientProfile) -> None:
     """Called with the test item and the ``GradientProfile`` of every model it probes.
 
     For observers, such as logging profiles to an experiment tracker. It runs

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
-# Measured by benchmarks/measure_bounds.py; the table is in README ("Default bounds").
+from pytest_gradcheck.errors import SettingError
+
+# Measured by benchmarks/measure_bounds.py; the table is in the docs ("Default bounds").
 DEFAULT_MIN_RATIO = 0.02
 DEFAULT_MAX_RATIO = 50.0
 
@@ -62,22 +65,26 @@ def parse_bound(name: str, raw: Any) -> Any:
         if raw is None or "bool" in str(field_type):
             return raw
         return _non_negative(name, raw)
-    text = raw.strip().lower()
     if "bool" in str(field_type):
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off", ""):
-            return False
-        raise ValueError(f"gradcheck: {name} must be true or false, got {raw!r}")
+        return parse_switch(name, raw)
+    text = raw.strip().lower()
     if text in _OFF_WORDS:
         return None
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(
-            f"gradcheck: {name} must be a number or 'off', got {raw!r}"
-        ) from None
+        raise SettingError(name, f"{name} must be a number or 'off', got {raw!r}") from None
     return _non_negative(name, value, raw)
+
+
+def parse_switch(name: str, raw: str) -> bool:
+    """An on/off setting from an ini or command-line string: true/false, yes/no, on/off or 1/0."""
+    text = raw.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise SettingError(name, f"{name} must be true or false, got {raw!r}")
 
 
 def _non_negative(name: str, value: Any, raw: Any = None) -> float:
@@ -87,7 +94,7 @@ def _non_negative(name: str, value: Any, raw: Any = None) -> float:
         number = math.nan
     if math.isnan(number) or number < 0:
         shown = value if raw is None else raw
-        raise ValueError(f"gradcheck: {name} must be a non-negative number or 'off', got {shown!r}")
+        raise SettingError(name, f"{name} must be a non-negative number or 'off', got {shown!r}")
     return number
 
 
@@ -110,9 +117,10 @@ def parse_share(name: str, raw: Any) -> float | None:
         except ValueError:
             value = math.nan
     if not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(
-            f"gradcheck: {name} must be a share between 0 and 1 (e.g. 0.7 or 70%), "
-            f"'on' for the published default {default:g}, or 'off'; got {raw!r}"
+        raise SettingError(
+            name,
+            f"{name} must be a share between 0 and 1 (e.g. 0.7 or 70%), "
+            f"'on' for the published default {default:g}, or 'off'; got {raw!r}",
         )
     return float(value)
 
@@ -128,7 +136,7 @@ def resolve(*layers: Mapping[str, Any]) -> Bounds:
         for name, raw in layer.items():
             if name not in BOUND_NAMES:
                 known = ", ".join(BOUND_NAMES)
-                raise TypeError(f"gradcheck: unknown bound {name!r}; known bounds: {known}")
+                raise TypeError(f"unknown bound {name!r}; known bounds: {known}")
             values[name] = parse_bound(name, raw)
     bounds = Bounds(**values)
     _validate(bounds)
@@ -138,9 +146,9 @@ def resolve(*layers: Mapping[str, Any]) -> Bounds:
 def _validate(bounds: Bounds) -> None:
     low, high = bounds.min_ratio, bounds.max_ratio
     if low is not None and high is not None and low > high:
-        raise ValueError(
-            f"gradcheck: min_ratio={low} is above max_ratio={high}; no model could pass. "
-            "Lower min_ratio or raise max_ratio."
+        raise SettingError(
+            "min_ratio",
+            f"min_ratio={low} is above max_ratio={high}; no model could pass. Lower min_ratio or raise max_ratio.",
         )
 
 
@@ -152,5 +160,9 @@ BOUND_OPTIONS = (
     ("max_grad", "--grad-max-grad", "fail when any |grad| exceeds this absolute value (default: off)"),
     ("fail_on_unused", "--grad-fail-on-unused", "fail when trainable parameters get no gradient (true/false)"),
     ("dead_relu", "--grad-dead-relu", "fail when this share of a ReLU's units is dead ('on' = 0.7, default: off)"),
-    ("saturation", "--grad-saturation", "fail when this share of sigmoid/tanh inputs has |x| >= 5 ('on' = 0.5, default: off)"),
+    (
+        "saturation",
+        "--grad-saturation",
+        "fail when this share of sigmoid/tanh inputs has |x| >= 5 ('on' = 0.5, default: off)",
+    ),
 )

@@ -3,45 +3,23 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
-from pytest_gradcheck.bounds import Bounds
-from pytest_gradcheck.profile import GradientProfile
-
-RULES = ("vanishing", "exploding", "nonfinite", "dead", "unused", "dead_relu", "saturation")
-
-
-@dataclass
-class Finding:
-    """One thing a check found, with the numbers behind it."""
-
-    rule: str
-    layers: list[str]
-    message: str
-    failing: bool
-    value: float | None = None
-    bound: float | None = None
-    causes: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "rule": self.rule,
-            "layers": list(self.layers),
-            "message": self.message,
-            "failing": self.failing,
-            "value": self.value,
-            "bound": self.bound,
-            "causes": [dict(cause) for cause in self.causes],
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Finding:
-        return cls(**data)
+from pytest_gradcheck.core.bounds import Bounds, resolve
+from pytest_gradcheck.core.findings import Finding
+from pytest_gradcheck.core.profile import ActivationStats, GradientProfile
+from pytest_gradcheck.errors import SettingError
 
 
-def check(profile: GradientProfile, bounds: Bounds) -> list[Finding]:
-    """All findings for ``profile`` under ``bounds``, in a stable order."""
+def check(profile: GradientProfile, bounds: Bounds | None = None, **overrides: Any) -> list[Finding]:
+    """All findings for ``profile`` under ``bounds``, in a stable order.
+
+    Keyword bounds override ``bounds`` (the defaults when it is None), as the fixture's
+    keywords do: ``check(profile, min_ratio=0.05, max_ratio="off")``.
+    """
+    if bounds is None or overrides:
+        bounds = resolve(bounds.to_dict() if bounds else {}, overrides)
     findings: list[Finding] = []
     findings += _ratio_findings(profile, bounds)
     findings += _max_grad_findings(profile, bounds)
@@ -53,24 +31,10 @@ def check(profile: GradientProfile, bounds: Bounds) -> list[Finding]:
     return findings
 
 
-def failing(findings: list[Finding]) -> list[Finding]:
-    return [finding for finding in findings if finding.failing]
-
-
-def verdict(findings: list[Finding]) -> str:
-    """'healthy', or the failing rules joined by '+' (e.g. 'vanishing+dead')."""
-    rules = []
-    for finding in failing(findings):
-        if finding.rule not in rules:
-            rules.append(finding.rule)
-    return "+".join(rules) if rules else "healthy"
-
-
 def _ratio_findings(profile: GradientProfile, bounds: Bounds) -> list[Finding]:
-    ratio = profile.ratio
-    if ratio is None or math.isnan(ratio):
+    ratio, first, last = profile.ratio, profile.first, profile.last
+    if ratio is None or math.isnan(ratio) or first is None or last is None:
         return []
-    first, last = profile.first, profile.last
     pair = [first.name, last.name]
     numbers = (
         f"first layer {first.name} mean |grad| {first.grad_mean_abs:.3g}, "
@@ -89,19 +53,25 @@ def _max_grad_findings(profile: GradientProfile, bounds: Bounds) -> list[Finding
     if bounds.max_grad is None:
         return []
     if not profile.detailed:
-        raise ValueError(
+        raise SettingError(
+            "max_grad",
             f"max_grad needs each layer's largest |grad|, which the profile of {profile.model} does not hold; "
-            "probe with detail=True (gradient_health and gradcheck do so whenever max_grad is set)"
+            "probe with detail=True (gradient_health and gradcheck do so whenever max_grad is set)",
         )
-    over = [layer for layer in profile.layers if layer.finite and layer.grad_max_abs > bounds.max_grad]
+    limit = bounds.max_grad
+    over = [
+        (layer.name, largest)
+        for layer in profile.layers
+        if layer.finite and (largest := layer.grad_max_abs or 0.0) > limit
+    ]
     if not over:
         return []
-    worst = max(over, key=lambda layer: layer.grad_max_abs)
+    worst, value = max(over, key=lambda pair: pair[1])
     message = (
-        f"exploding gradients: {len(over)} layer(s) have |grad| above max_grad {bounds.max_grad:g}; "
-        f"largest {worst.grad_max_abs:.3g} in {worst.name}"
+        f"exploding gradients: {len(over)} layer(s) have |grad| above max_grad {limit:g}; "
+        f"largest {value:.3g} in {worst}"
     )
-    return [Finding("exploding", [layer.name for layer in over], message, True, worst.grad_max_abs, bounds.max_grad)]
+    return [Finding("exploding", [name for name, _ in over], message, True, value, limit)]
 
 
 def _nonfinite_findings(profile: GradientProfile) -> list[Finding]:
@@ -125,18 +95,20 @@ def _unused_findings(profile: GradientProfile, bounds: Bounds) -> list[Finding]:
     if not params:
         return []
     layers = [layer.name for layer in profile.layers if layer.unused_parameters]
-    how = "failing because fail_on_unused is set" if bounds.fail_on_unused else "not failing; set fail_on_unused to fail"
-    message = (
-        f"unused parameters: {len(params)} trainable parameter(s) got no gradient "
-        f"({', '.join(params)}); {how}"
+    how = (
+        "failing because fail_on_unused is set" if bounds.fail_on_unused else "not failing; set fail_on_unused to fail"
     )
+    message = f"unused parameters: {len(params)} trainable parameter(s) got no gradient ({', '.join(params)}); {how}"
     return [Finding("unused", layers, message, bounds.fail_on_unused)]
 
 
 def _dead_relu_findings(profile: GradientProfile, bounds: Bounds) -> list[Finding]:
     """Opt-in: ReLU sites where at least ``dead_relu`` of the units are zero for the whole batch."""
     return _activation_rule(
-        profile, "dead_relu", bounds.dead_relu, "dead_share",
+        profile,
+        "dead_relu",
+        bounds.dead_relu,
+        "dead_share",
         # From the threshold up, as in DeepDiagnosis.
         lambda share, limit: share >= limit,
         "dead ReLUs: {count} activation site(s) have at least dead_relu {limit:.0%} of their units "
@@ -147,7 +119,10 @@ def _dead_relu_findings(profile: GradientProfile, bounds: Bounds) -> list[Findin
 def _saturation_findings(profile: GradientProfile, bounds: Bounds) -> list[Finding]:
     """Opt-in: sigmoid/tanh sites where more than ``saturation`` of the inputs have |x| >= 5."""
     return _activation_rule(
-        profile, "saturation", bounds.saturation, "saturated_share",
+        profile,
+        "saturation",
+        bounds.saturation,
+        "saturated_share",
         # Strictly above, as in DeepDiagnosis.
         lambda share, limit: share > limit,
         "saturated activations: {count} sigmoid/tanh site(s) have more than saturation {limit:.0%} "
@@ -155,7 +130,14 @@ def _saturation_findings(profile: GradientProfile, bounds: Bounds) -> list[Findi
     )
 
 
-def _activation_rule(profile, rule, limit, share_field, crosses, template) -> list[Finding]:
+def _activation_rule(
+    profile: GradientProfile,
+    rule: str,
+    limit: float | None,
+    share_field: str,
+    crosses: Callable[[float, float], bool],
+    template: str,
+) -> list[Finding]:
     """One finding listing every activation site whose ``share_field`` crosses ``limit``."""
     if limit is None:
         return []
@@ -174,53 +156,13 @@ def _activation_rule(profile, rule, limit, share_field, crosses, template) -> li
     return [Finding(rule, _after_layers(sites), message, True, getattr(worst, share_field), limit)]
 
 
-def _after_layers(sites) -> list[str]:
+def _after_layers(sites: list[ActivationStats]) -> list[str]:
     return list(dict.fromkeys(s.after for s in sites if s.after is not None))
 
 
 def _not_measured(rule: str) -> Finding:
     message = (
         f"the {rule} rule is on but this profile has no activation statistics; "
-        "check through gradient_health or pytest_gradcheck.health.assess, which measure them"
+        "check through gradient_health or pytest_gradcheck.assess, which measure them"
     )
     return Finding(rule, [], message, False)
-
-
-@dataclass
-class CheckResult:
-    """One probed model within a test: what was measured, under which bounds, and what was found."""
-
-    nodeid: str
-    name: str | None
-    profile: GradientProfile
-    bounds: Bounds
-    findings: list[Finding]
-
-    @property
-    def verdict(self) -> str:
-        return verdict(self.findings)
-
-    @property
-    def title(self) -> str:
-        return f"{self.nodeid} [{self.name}]" if self.name else self.nodeid
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "nodeid": self.nodeid,
-            "name": self.name,
-            "verdict": self.verdict,
-            "ratio": self.profile.ratio,
-            "bounds": self.bounds.to_dict(),
-            "findings": [finding.to_dict() for finding in self.findings],
-            "profile": self.profile.to_dict(),
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CheckResult:
-        return cls(
-            nodeid=data["nodeid"],
-            name=data.get("name"),
-            profile=GradientProfile.from_dict(data["profile"]),
-            bounds=Bounds(**data["bounds"]),
-            findings=[Finding.from_dict(item) for item in data["findings"]],
-        )

@@ -1,4 +1,4 @@
-"""Load the model a command-line TARGET names: ``package.module:attr`` or ``path/to/file.py:attr``."""
+"""Loading the model a command-line TARGET names: ``package.module:attr`` or ``path/to/file.py:attr``."""
 
 from __future__ import annotations
 
@@ -9,15 +9,14 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from torch import nn
 
+from pytest_gradcheck.errors import TargetError
+
 USAGE = "TARGET must look like package.module:attr or path/to/file.py:attr"
-
-
-class TargetError(Exception):
-    """TARGET could not be turned into a model; the message names the part that failed."""
 
 
 def load_model(target: str) -> nn.Module:
@@ -40,7 +39,7 @@ def is_file_path(module_part: str) -> bool:
     return module_part.endswith(".py") or "/" in module_part or os.sep in module_part
 
 
-def load_module(module_part: str):
+def load_module(module_part: str) -> ModuleType:
     if is_file_path(module_part):
         return _load_file(Path(module_part))
     # A console script's sys.path[0] is its bin/ folder; `python -m` puts the working
@@ -64,7 +63,7 @@ def _is_parent_or_self(missing: str, module_part: str) -> bool:
     return module_part == missing or module_part.startswith(missing + ".")
 
 
-def _load_file(path: Path):
+def _load_file(path: Path) -> ModuleType:
     if not path.is_file():
         raise TargetError(f"file not found: {str(path)!r} (looked in {os.getcwd()})")
     if path.suffix != ".py":
@@ -72,10 +71,13 @@ def _load_file(path: Path):
     name = path.stem
     existing = sys.modules.get(name)
     if existing is not None:
-        if getattr(existing, "__file__", None) and Path(existing.__file__).resolve() == path.resolve():
+        existing_file = getattr(existing, "__file__", None)
+        if existing_file and Path(existing_file).resolve() == path.resolve():
             return existing
         name = f"{name}__gradcheck_target"  # never shadow an unrelated module (a file called torch.py)
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise TargetError(f"cannot import {str(path)!r} as a Python module; {USAGE}")
     module = importlib.util.module_from_spec(spec)
     # The file's own folder goes first, so it can import its siblings as it would when run
     # as a script; registering the module first lets dataclasses and pickling find it.
@@ -95,7 +97,7 @@ def _import_failure(where: str, error: BaseException) -> str:
     return f"importing {where!r} failed{location}: {type(error).__name__}: {error}"
 
 
-def lookup_attribute(module, module_part: str, attr_part: str) -> Any:
+def lookup_attribute(module: ModuleType, module_part: str, attr_part: str) -> Any:
     obj = module
     for piece in attr_part.split("."):
         if not hasattr(obj, piece):
@@ -107,7 +109,7 @@ def lookup_attribute(module, module_part: str, attr_part: str) -> Any:
     return obj
 
 
-def _candidates(module) -> list[str]:
+def _candidates(module: ModuleType) -> list[str]:
     """Names in ``module`` that could be a TARGET's attr, to suggest on a typo."""
     names = []
     for name, value in vars(module).items():
@@ -150,7 +152,8 @@ def _require_no_arguments(obj: Any, where: str) -> None:
         needed = [
             name
             for name, param in signature.parameters.items()
-            if param.default is param.empty and param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+            if param.default is param.empty
+            and param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
         ]
         kind = "constructor" if inspect.isclass(obj) else "factory"
         raise TargetError(

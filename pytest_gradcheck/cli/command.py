@@ -1,14 +1,24 @@
-"""The command line: probe one model named by TARGET and report its gradient health."""
+"""The ``gradcheck`` command: options, loading TARGET, the probe, the report and the exit status."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from pytest_gradcheck import bounds as bounds_mod
-from pytest_gradcheck.baseline import DEFAULT_TOLERANCE
-from pytest_gradcheck.bounds import BOUND_OPTIONS  # one table: a new bound gets both flags
+if TYPE_CHECKING:
+    import torch
+
+    from pytest_gradcheck.core.baseline import BaselineComparison
+    from pytest_gradcheck.core.bounds import Bounds
+    from pytest_gradcheck.core.findings import CheckResult
+    from pytest_gradcheck.core.profile import GradientProfile
+
+from pytest_gradcheck.core import bounds as bounds_mod
+from pytest_gradcheck.core.baseline import DEFAULT_TOLERANCE
+from pytest_gradcheck.core.bounds import BOUND_OPTIONS  # one table: a new bound gets both flags
+from pytest_gradcheck.errors import CommandLineError
 
 EXIT_HEALTHY, EXIT_FAILING, EXIT_USAGE = 0, 1, 2
 FORMATS = ("table", "markdown", "json")
@@ -34,10 +44,6 @@ exit status: 0 healthy, 1 a failing finding or a baseline regression, 2 a usage 
 """
 
 
-class UsageError(Exception):
-    """Bad options or a TARGET that cannot be loaded or probed: exit status 2, no traceback."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradcheck",
@@ -47,11 +53,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("target", metavar="TARGET", help="package.module:attr or path/to/file.py:attr")
     model = parser.add_argument_group("model and inputs")
-    model.add_argument("--input-shape", dest="input_shapes", action="append", type=parse_shape, metavar="D1,D2,...",
-                       help="shape of one positional input, e.g. 8,64 (repeat for several inputs)")
-    model.add_argument("--input-dtype", dest="input_dtypes", action="append", choices=INPUT_DTYPES, metavar="DTYPE",
-                       help="dtype of the inputs: once for all, or once per --input-shape (default float32; "
-                            f"one of {', '.join(INPUT_DTYPES)})")
+    model.add_argument(
+        "--input-shape",
+        dest="input_shapes",
+        action="append",
+        type=parse_shape,
+        metavar="D1,D2,...",
+        help="shape of one positional input, e.g. 8,64 (repeat for several inputs)",
+    )
+    model.add_argument(
+        "--input-dtype",
+        dest="input_dtypes",
+        action="append",
+        choices=INPUT_DTYPES,
+        metavar="DTYPE",
+        help="dtype of the inputs: once for all, or once per --input-shape (default float32; "
+        f"one of {', '.join(INPUT_DTYPES)})",
+    )
     model.add_argument("--device", default="cpu", help="device for the model and inputs, e.g. cuda:0 (default cpu)")
     model.add_argument("--seed", type=int, default=0, help="seed for weights, inputs and the probe (default 0)")
     checks = parser.add_argument_group("bounds (the pytest options --grad-* without 'grad-')")
@@ -59,15 +77,28 @@ def build_parser() -> argparse.ArgumentParser:
         checks.add_argument(pytest_flag.replace("--grad-", "--"), dest=name, metavar="VALUE", help=text)
     output = parser.add_argument_group("output")
     output.add_argument("--format", choices=FORMATS, default="table", help="report format on stdout (default table)")
-    output.add_argument("--plot", metavar="FILE", help="write a gradient-flow chart to FILE (.png or .svg; needs matplotlib)")
+    output.add_argument(
+        "--plot", metavar="FILE", help="write a gradient-flow chart to FILE (.png or .svg; needs matplotlib)"
+    )
     baselines = parser.add_argument_group("baselines")
-    baselines.add_argument("--baseline", metavar="FILE",
-                           help="compare each layer's mean |grad| with a baseline file; a change beyond --tolerance exits 1")
-    baselines.add_argument("--save-baseline", metavar="FILE",
-                           help="write this run's profile as a baseline file (the format of the pytest baselines, see --grad-baseline-update)")
-    baselines.add_argument("--tolerance", metavar="FACTOR", default=None,
-                           help="factor a layer's mean |grad| may move from --baseline, either way "
-                                f"(default {DEFAULT_TOLERANCE:g}, as for pytest; 1.1 allows 10%%)")
+    baselines.add_argument(
+        "--baseline",
+        metavar="FILE",
+        help="compare each layer's mean |grad| with a baseline file; a change beyond --tolerance exits 1",
+    )
+    baselines.add_argument(
+        "--save-baseline",
+        metavar="FILE",
+        help="write this run's profile as a baseline file (the format of the pytest baselines, "
+        "see --grad-baseline-update)",
+    )
+    baselines.add_argument(
+        "--tolerance",
+        metavar="FACTOR",
+        default=None,
+        help="factor a layer's mean |grad| may move from --baseline, either way "
+        f"(default {DEFAULT_TOLERANCE:g}, as for pytest; 1.1 allows 10%%)",
+    )
     return parser
 
 
@@ -76,7 +107,9 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(part) for part in text.replace(" ", "").split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a shape; write positive integers separated by commas, e.g. 8,64") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a shape; write positive integers separated by commas, e.g. 8,64"
+        ) from None
     if not shape or any(size <= 0 for size in shape):
         raise argparse.ArgumentTypeError(f"{text!r} is not a shape; every size must be a positive integer")
     return shape
@@ -90,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     try:
         return run(args)
-    except UsageError as error:
+    except CommandLineError as error:
         print(f"gradcheck: error: {error}", file=sys.stderr)
         return EXIT_USAGE
 
@@ -105,96 +138,98 @@ def run(args: argparse.Namespace) -> int:
     result = probe_target(args, bounds, dtypes)
     print(render(args.format, result))
     regressed = False
-    if baseline is not None:
-        from pytest_gradcheck.baseline import compare
+    if baseline is not None and tolerance is not None:
+        from pytest_gradcheck.core.baseline import compare_baseline
 
-        comparison = compare(baseline, result.profile, tolerance)
+        comparison = compare_baseline(baseline, result.profile, tolerance)
         print_comparison(args, comparison)
         regressed = not comparison.passed
     write_files(args, result)
-    from pytest_gradcheck.checks import failing
+    from pytest_gradcheck.core.findings import failing
 
     return EXIT_FAILING if failing(result.findings) or regressed else EXIT_HEALTHY
 
 
-def write_files(args: argparse.Namespace, result) -> None:
+def write_files(args: argparse.Namespace, result: CheckResult) -> None:
     """--save-baseline and --plot, each announced on stderr so stdout holds only the report."""
     try:
         if args.save_baseline:
-            from pytest_gradcheck.baseline import save_baseline
+            from pytest_gradcheck.core.baseline import save_baseline
 
             save_baseline(args.save_baseline, result.profile)
             print(f"gradcheck: wrote baseline to {args.save_baseline}", file=sys.stderr)
         if args.plot:
-            from pytest_gradcheck.plot import plot_profile
+            from pytest_gradcheck.report.plot import plot_profile
 
             written = plot_profile(result.profile, result.findings, result.bounds, args.plot, title=args.target)
             print(f"gradcheck: wrote gradient-flow plot to {written}", file=sys.stderr)
     except OSError as error:
-        raise UsageError(f"cannot write {error.filename or 'the output file'}: {error.strerror or error}") from None
+        raise CommandLineError(
+            f"cannot write {error.filename or 'the output file'}: {error.strerror or error}"
+        ) from None
 
 
-def resolve_bounds(args: argparse.Namespace):
+def resolve_bounds(args: argparse.Namespace) -> Bounds:
     given = {name: getattr(args, name) for name, _, _ in BOUND_OPTIONS}
     try:
         return bounds_mod.resolve({name: value for name, value in given.items() if value is not None})
     except (TypeError, ValueError) as error:
-        raise UsageError(str(error).removeprefix("gradcheck: ")) from None
+        raise CommandLineError(str(error)) from None
 
 
 def input_dtypes(args: argparse.Namespace) -> list[str]:
     shapes = args.input_shapes or []
     dtypes = args.input_dtypes or ["float32"]
     if args.input_dtypes and not shapes:
-        raise UsageError("--input-dtype needs --input-shape; give one --input-shape per positional input")
+        raise CommandLineError("--input-dtype needs --input-shape; give one --input-shape per positional input")
     if len(dtypes) == 1:
         return dtypes * len(shapes)
     if len(dtypes) != len(shapes):
-        raise UsageError(
-            f"got {len(dtypes)} --input-dtype for {len(shapes)} --input-shape; give one dtype for all inputs or one per shape"
+        raise CommandLineError(
+            f"got {len(dtypes)} --input-dtype for {len(shapes)} --input-shape; "
+            "give one dtype for all inputs or one per shape"
         )
     return dtypes
 
 
 def check_plot_request(path: str) -> None:
-    from pytest_gradcheck.plot import PlotUnavailable, check_suffix, require_matplotlib
+    from pytest_gradcheck.errors import PlotUnavailable
+    from pytest_gradcheck.report.plot import check_suffix, require_matplotlib
 
     try:
         check_suffix(path)
         require_matplotlib()
     except (ValueError, PlotUnavailable) as error:
-        raise UsageError(f"--plot: {error}") from None
+        raise CommandLineError(f"--plot: {error}") from None
 
 
-def load_baseline_request(args: argparse.Namespace):
+def load_baseline_request(args: argparse.Namespace) -> tuple[float | None, GradientProfile | None]:
     """(tolerance, baseline profile or None), read before the model runs so a bad file fails fast."""
     if args.tolerance is not None and not args.baseline:
-        raise UsageError("--tolerance applies to --baseline; give --baseline FILE as well")
+        raise CommandLineError("--tolerance applies to --baseline; give --baseline FILE as well")
     if not args.baseline:
         return None, None
-    from pytest_gradcheck.baseline import load_baseline, parse_tolerance
+    from pytest_gradcheck.core.baseline import load_baseline, parse_tolerance
     from pytest_gradcheck.errors import BaselineFileError
 
     try:
         tolerance = parse_tolerance(DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance)
     except ValueError as error:
-        raise UsageError("--tolerance: " + str(error).removeprefix("gradcheck: ")) from None
+        raise CommandLineError(f"--tolerance: {error}") from None
     try:
         return tolerance, load_baseline(args.baseline)
     except BaselineFileError as error:
-        raise UsageError(
+        raise CommandLineError(
             f"--baseline: {error.path} {error.problem}; write a fresh one with --save-baseline {args.baseline}"
         ) from None
 
 
-def print_comparison(args: argparse.Namespace, comparison) -> None:
+def print_comparison(args: argparse.Namespace, comparison: BaselineComparison) -> None:
     """The baseline diff after the report; on stderr for JSON so stdout stays one document."""
-    from pytest_gradcheck.report import render_baseline_diff
+    from pytest_gradcheck.report.baseline_text import render_baseline_check
 
-    lines = [f"baseline {args.baseline}: " + ("within tolerance" if comparison.passed else "REGRESSED")]
-    lines += [f"  {problem}" for problem in comparison.problems()]
-    lines.append(render_baseline_diff(comparison))
-    text = "\n".join(lines)
+    headline = f"baseline {args.baseline}: " + ("within tolerance" if comparison.passed else "REGRESSED")
+    text = render_baseline_check(comparison, headline)
     if args.format == "json":
         print(text, file=sys.stderr)
     elif args.format == "markdown":
@@ -203,50 +238,54 @@ def print_comparison(args: argparse.Namespace, comparison) -> None:
         print(f"\n{text}")
 
 
-def probe_target(args: argparse.Namespace, bounds, dtypes: list[str]):
-    """Load, place and probe the model; every failure on the way is a UsageError."""
+def probe_target(args: argparse.Namespace, bounds: Bounds, dtypes: list[str]) -> CheckResult:
+    """Load, place and probe the model; every failure on the way is a CommandLineError."""
     import torch  # only now: --help and option errors stay fast
 
-    from pytest_gradcheck.checks import CheckResult
-    from pytest_gradcheck.errors import ProbeError
+    from pytest_gradcheck.cli.target import load_model
+    from pytest_gradcheck.core.findings import CheckResult
+    from pytest_gradcheck.errors import ProbeError, TargetError
     from pytest_gradcheck.health import assess
-    from pytest_gradcheck.inputs import random_inputs
-    from pytest_gradcheck.target import TargetError, load_model
+    from pytest_gradcheck.probing.model_io import random_inputs
 
     device = place(args.device)
     torch.manual_seed(args.seed)  # before loading: the model's initial weights depend on it
     try:
         model = load_model(args.target)
     except TargetError as error:
-        raise UsageError(f"cannot load {args.target!r}: {error}") from None
+        raise CommandLineError(f"cannot load {args.target!r}: {error}") from None
     try:
         model = model.to(device)
     except (RuntimeError, AssertionError) as error:
-        raise UsageError(f"cannot move {type(model).__name__} to device {args.device!r}: {error}") from None
+        raise CommandLineError(f"cannot move {type(model).__name__} to device {args.device!r}: {error}") from None
     inputs = random_inputs(model, args.input_shapes, dtypes, device) if args.input_shapes else None
     try:
         profile, findings = assess(model, inputs, bounds=bounds, seed=args.seed, detail=True)
     except ProbeError as error:
-        raise UsageError(f"cannot probe {args.target!r}: {error}") from None
+        raise CommandLineError(f"cannot probe {args.target!r}: {error}") from None
     return CheckResult(args.target, None, profile, bounds, findings)
 
 
-def place(device_name: str):
+def place(device_name: str) -> torch.device:
     import torch
 
     try:
         device = torch.device(device_name)
         torch.empty(0, device=device)  # a missing CUDA build or device fails here, not mid-probe
     except (RuntimeError, AssertionError) as error:
-        raise UsageError(f"cannot use device {device_name!r}: {error}") from None
+        raise CommandLineError(f"cannot use device {device_name!r}: {error}") from None
     return device
 
 
-def render(fmt: str, result) -> str:
-    from pytest_gradcheck import report
-
+def render(fmt: str, result: CheckResult) -> str:
     if fmt == "markdown":
-        return report.render_markdown([result])
+        from pytest_gradcheck.report.markdown import render_markdown
+
+        return render_markdown([result])
     if fmt == "json":
-        return report.render_json([result]).rstrip("\n")
-    return report.render_table(result.profile, result.findings, title=result.title)
+        from pytest_gradcheck.report.json_report import render_json
+
+        return render_json([result]).rstrip("\n")
+    from pytest_gradcheck.report.table import render_table
+
+    return render_table(result.profile, result.findings, title=result.title)

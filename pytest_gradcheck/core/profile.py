@@ -1,4 +1,4 @@
-"""Plain-data gradient profile: what a probe measured, with no torch in sight."""
+"""What a probe measured, as plain data: dataclasses of numbers and names that go straight to JSON."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ class InitScale:
 
 @dataclass
 class ActivationProfile:
-    """What the instrumented forward pass measured (pytest_gradcheck.activations)."""
+    """What the instrumented forward pass measured (``pytest_gradcheck.probing.activations``)."""
 
     sites: list[ActivationStats] = field(default_factory=list)
     init_scales: list[InitScale] = field(default_factory=list)
@@ -131,7 +131,7 @@ class GradientProfile:
     device: str = "cpu"
     dtype: str = "float32"
     input_shapes: list[str] = field(default_factory=list)
-    # None until the instrumented activation pass runs (health.assess decides when).
+    # None unless the instrumented activation pass ran (pytest_gradcheck.assess decides when).
     activations: ActivationProfile | None = None
 
     @property
@@ -169,20 +169,6 @@ class GradientProfile:
         known = ", ".join(layer.name for layer in self.layers)
         raise KeyError(f"no layer named {name!r} in the profile of {self.model}; layers: {known}")
 
-    def check(self, min_ratio=None, max_ratio=None, fail_on_unused=False, max_grad=None, **rules):
-        """Check this profile; returns the list of findings.
-
-        A bound left at None takes its default (see ``pytest_gradcheck.Bounds``);
-        pass the string ``"off"`` to switch it off.
-        """
-        from pytest_gradcheck.bounds import resolve
-        from pytest_gradcheck.checks import check
-
-        given = {"min_ratio": min_ratio, "max_ratio": max_ratio, "max_grad": max_grad, **rules}
-        layer = {name: value for name, value in given.items() if value is not None}
-        layer["fail_on_unused"] = fail_on_unused
-        return check(self, resolve(layer))
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field (the ratio and picks included for readers)."""
         data = dataclasses.asdict(self)
@@ -195,10 +181,7 @@ class GradientProfile:
     def from_dict(cls, data: dict[str, Any]) -> GradientProfile:
         """Rebuild a profile from :meth:`to_dict` output (derived keys are ignored)."""
         layer_fields = {f.name for f in dataclasses.fields(LayerStats)}
-        layers = [
-            LayerStats(**{k: v for k, v in layer.items() if k in layer_fields})
-            for layer in data["layers"]
-        ]
+        layers = [LayerStats(**{k: v for k, v in layer.items() if k in layer_fields}) for layer in data["layers"]]
         own_fields = {f.name for f in dataclasses.fields(cls)} - {"layers", "activations"}
         activations = data.get("activations")
         if activations is not None:

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_gradcheck.errors import BaselineFileError
-from pytest_gradcheck.files import baseline_dir, safe_name, strict_json, write_atomically
-from pytest_gradcheck.profile import GradientProfile, LayerStats
-from pytest_gradcheck.report import ratio_text
+from pytest_gradcheck.core.files import safe_name, write_atomically
+from pytest_gradcheck.core.jsonable import strict_json
+from pytest_gradcheck.core.profile import GradientProfile, LayerStats
+from pytest_gradcheck.errors import BaselineFileError, SettingError
 
 SCHEMA_VERSION = 1
 # Enough to see a 10% drift, few enough that thread-count noise rarely changes the file.
@@ -28,6 +28,14 @@ _DETAIL_LAYER_FIELDS = ("grad_max_abs", "grad_norm", "weight_norm", "zero_fracti
 
 
 # -- where baselines live ----------------------------------------------------------
+
+BASELINE_DIR = "__gradcheck__"
+
+
+def baseline_dir(test_module: str | os.PathLike[str]) -> Path:
+    """The folder that holds the baselines of one test module: ``__gradcheck__/<module>/``."""
+    test_module = Path(test_module)
+    return test_module.parent / BASELINE_DIR / test_module.stem
 
 
 def baseline_path(test_module: Path, nodeid: str, name: str | None = None) -> Path:
@@ -116,11 +124,12 @@ def parse_tolerance(raw: Any) -> float:
     try:
         value = float(raw)
     except (TypeError, ValueError):
-        raise ValueError(f"gradcheck: baseline tolerance must be a number such as 2.0, got {raw!r}") from None
+        raise SettingError("tolerance", f"baseline tolerance must be a number such as 2.0, got {raw!r}") from None
     if math.isnan(value) or value < 1.0:
-        raise ValueError(
-            f"gradcheck: baseline tolerance is a factor of at least 1 (2.0 allows half to double), got {raw!r}; "
-            "for a 10% tolerance use 1.1"
+        raise SettingError(
+            "tolerance",
+            f"baseline tolerance is a factor of at least 1 (2.0 allows half to double), got {raw!r}; "
+            "for a 10% tolerance use 1.1",
         )
     return value
 
@@ -183,25 +192,6 @@ class BaselineComparison:
     def passed(self) -> bool:
         return not (self.moved or self.ratio_moved or self.added or self.removed or self.renamed)
 
-    def problems(self) -> list[str]:
-        """One line per reason the comparison fails, with the numbers; empty when it passes."""
-        lines = []
-        if self.moved:
-            shown = ", ".join(f"{d.name or '(root)'} {_times(d.factor)}" for d in self.moved)
-            lines.append(f"mean |grad| moved beyond {self.tolerance:g}x in {len(self.moved)} layer(s): {shown}")
-        if self.ratio_moved:
-            lines.append(
-                f"first/last ratio moved {_times(self.ratio_factor)} "
-                f"(baseline {ratio_text(self.baseline_ratio)}, now {ratio_text(self.ratio)}), beyond {self.tolerance:g}x"
-            )
-        if self.added:
-            lines.append("layers added: " + ", ".join(self.added))
-        if self.removed:
-            lines.append("layers removed: " + ", ".join(self.removed))
-        if self.renamed:
-            lines.append("layers renamed: " + ", ".join(f"{old} -> {new}" for old, new in self.renamed))
-        return lines
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
@@ -214,11 +204,12 @@ class BaselineComparison:
             "added": list(self.added),
             "removed": list(self.removed),
             "renamed": [list(pair) for pair in self.renamed],
-            "problems": self.problems(),
         }
 
 
-def compare(baseline: GradientProfile, profile: GradientProfile, tolerance: float = DEFAULT_TOLERANCE) -> BaselineComparison:
+def compare_baseline(
+    baseline: GradientProfile, profile: GradientProfile, tolerance: float = DEFAULT_TOLERANCE
+) -> BaselineComparison:
     """Compare ``profile`` with ``baseline`` layer by layer (matched by name) and by first/last ratio.
 
     A layer fails when its mean |grad| moved by more than ``tolerance`` either way;
@@ -238,7 +229,9 @@ def compare(baseline: GradientProfile, profile: GradientProfile, tolerance: floa
             deltas.append(LayerDelta(layer.name, layer.kind, old.grad_mean_abs, layer.grad_mean_abs, status))
         elif layer.name in renamed_from:
             old = renamed_from[layer.name]
-            deltas.append(LayerDelta(layer.name, layer.kind, old.grad_mean_abs, layer.grad_mean_abs, "renamed", old.name))
+            deltas.append(
+                LayerDelta(layer.name, layer.kind, old.grad_mean_abs, layer.grad_mean_abs, "renamed", old.name)
+            )
         else:
             deltas.append(LayerDelta(layer.name, layer.kind, None, layer.grad_mean_abs, "added"))
     paired = {old.name for old in renamed_from.values()}
@@ -253,7 +246,7 @@ def compare(baseline: GradientProfile, profile: GradientProfile, tolerance: floa
         ratio=profile.ratio,
         added=[d.name for d in deltas if d.status == "added"],
         removed=[d.name for d in deltas if d.status == "removed"],
-        renamed=[(d.renamed_from, d.name) for d in deltas if d.status == "renamed"],
+        renamed=[(d.renamed_from or "", d.name) for d in deltas if d.status == "renamed"],
     )
 
 
@@ -283,7 +276,3 @@ def _within(factor: float | None, tolerance: float) -> bool:
     if factor is None or math.isnan(factor):
         return False
     return 1.0 / tolerance <= factor <= tolerance
-
-
-def _times(factor: float | None) -> str:
-    return "n/a" if factor is None else f"{factor:.3g}x"

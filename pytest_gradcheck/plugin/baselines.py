@@ -6,35 +6,28 @@ import contextlib
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_gradcheck.errors import BaselineFileError, GradientHealthError
-from pytest_gradcheck.files import baseline_dir
+from pytest_gradcheck.core.baseline import baseline_dir, parse_tolerance
+from pytest_gradcheck.errors import BaselineFileError, GradientHealthError, SettingError
+from pytest_gradcheck.plugin import transport
+from pytest_gradcheck.plugin.options import Settings
 
-EVENTS_KEY = pytest.StashKey[list]()
-BASELINE_KWARGS = ("baseline", "tolerance")
-
-
-def split_marker_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(bounds, baseline settings) from the marker's keyword arguments."""
-    bounds = {key: value for key, value in kwargs.items() if key not in BASELINE_KWARGS}
-    settings = {key: value for key, value in kwargs.items() if key in BASELINE_KWARGS}
-    return bounds, settings
+if TYPE_CHECKING:
+    from pytest_gradcheck.core.profile import GradientProfile
 
 
-def baseline_settings(config: pytest.Config, marker: dict[str, Any], baseline, tolerance) -> tuple[bool, float | None]:
+def baseline_settings(
+    settings: Settings, marker: dict[str, Any], baseline: bool | None, tolerance: float | None
+) -> tuple[bool, float]:
     """Whether the baseline check is on, and its tolerance: keyword, then marker, then ini."""
     if baseline is None:
-        baseline = marker.get("baseline", config.getini("grad_baseline"))
-    if not baseline:
-        return False, None
+        baseline = marker.get("baseline", settings.baseline)
     if tolerance is None:
-        tolerance = marker.get("tolerance", config.getini("grad_baseline_tolerance"))
-    from pytest_gradcheck import baseline as baseline_mod  # loaded only when a test uses a baseline
-
-    return True, baseline_mod.parse_tolerance(tolerance)
+        tolerance = marker.get("tolerance", settings.tolerance)
+    return bool(baseline), parse_tolerance(tolerance)
 
 
 def shown(config: pytest.Config, path: Path | str) -> str:
@@ -45,23 +38,26 @@ def shown(config: pytest.Config, path: Path | str) -> str:
         return str(path)
 
 
-def check_baseline(request: pytest.FixtureRequest, profile, name: str | None, tolerance: float) -> None:
+def check_baseline(
+    request: pytest.FixtureRequest, settings: Settings, profile: GradientProfile, name: str | None, tolerance: float
+) -> None:
     """Compare ``profile`` with the test's baseline file, or write it under --grad-baseline-update."""
     __tracebackhide__ = True
-    from pytest_gradcheck import baseline as baseline_mod  # loaded only when a test uses a baseline
+    from pytest_gradcheck.core import baseline as baseline_mod  # loaded only when a test uses a baseline
 
     config, node = request.config, request.node
     path = baseline_mod.baseline_path(node.path, node.nodeid, name)
-    events = node.stash.setdefault(EVENTS_KEY, [])
+    events = transport.baseline_events(node)
     if any(event["path"] == str(path) for event in events):
-        raise ValueError(
-            f"gradcheck: two gradient_health calls in {node.nodeid} share the baseline file "
-            f"{shown(config, path)}; give each call its own name=, e.g. gradient_health(model, name='encoder')"
+        raise SettingError(
+            "name",
+            f"two gradient_health calls in {node.nodeid} share the baseline file "
+            f"{shown(config, path)}; give each call its own name=, e.g. gradient_health(model, name='encoder')",
         )
     # Recorded before anything can fail: a test that reached its baseline has used the file.
     event = {"path": str(path), "action": "failed"}
     events.append(event)
-    if config.getoption("grad_baseline_update"):
+    if settings.update_baselines:
         action = "updated" if path.exists() else "created"
         baseline_mod.save_baseline(path, profile)
         event["action"] = action
@@ -76,9 +72,9 @@ def check_baseline(request: pytest.FixtureRequest, profile, name: str | None, to
         stored = baseline_mod.load_baseline(path)
     except BaselineFileError as error:
         raise BaselineFileError(shown(config, path), error.problem, error.hint) from None
-    comparison = baseline_mod.compare(stored, profile, tolerance)
+    comparison = baseline_mod.compare_baseline(stored, profile, tolerance)
     if not comparison.passed:
-        from pytest_gradcheck.report import render_baseline_failure
+        from pytest_gradcheck.report.baseline_text import render_baseline_failure
 
         rerun = f"pytest --grad-baseline-update '{node.nodeid}'"
         raise GradientHealthError(render_baseline_failure(comparison, shown(config, path), rerun), profile)
@@ -94,13 +90,13 @@ class BaselineSession:
     test may have stopped before it reached its baseline).
     """
 
-    def __init__(self, config: pytest.Config) -> None:
+    def __init__(self, config: pytest.Config, settings: Settings) -> None:
         self.config = config
+        self.settings = settings
         # Collection side (the only process, or each xdist worker).
         self.baseline_dirs: dict[str, bool] = {}
         self.defined: dict[str, dict[str, set[str]]] = {}
         self.partial: set[str] = set()
-        self.module_info: dict[str, dict[str, Any]] = {}
         # Reporting side (the only process, or the xdist controller).
         self.counts: Counter[str] = Counter()
         self.used: set[str] = set()
@@ -111,13 +107,15 @@ class BaselineSession:
     # -- collection side --------------------------------------------------------
 
     @pytest.hookimpl(wrapper=True, trylast=True)
-    def pytest_make_collect_report(self, collector: pytest.Collector):
+    def pytest_make_collect_report(self, collector: pytest.Collector) -> Any:
         # Innermost wrapper: sees what a module defines before --lf or node-id
         # selection trims it, which is how a partial run is recognised.
         report = yield
         if isinstance(collector, (pytest.Session, pytest.Directory)) or not self._has_baselines(collector.path):
             return report
-        defined = self.defined.setdefault(str(collector.path), {"items": set(), "collectors": set(), "collected": set()})
+        defined = self.defined.setdefault(
+            str(collector.path), {"items": set(), "collectors": set(), "collected": set()}
+        )
         defined["collected"].add(collector.nodeid)
         if report.outcome != "passed":
             self.partial.add(str(collector.path))
@@ -135,6 +133,7 @@ class BaselineSession:
         selected: dict[str, set[str]] = {}
         for item in session.items:
             selected.setdefault(str(item.path), set()).add(item.nodeid)
+        facts: dict[str, dict[str, Any]] = {}
         for module, nodeids in selected.items():
             defined = self.defined.get(module)
             if defined is None:
@@ -144,26 +143,21 @@ class BaselineSession:
                 and defined["items"] <= nodeids  # nothing deselected (-k, -m, --lf, node ids)
                 and defined["collectors"] <= defined["collected"]  # no class left uncollected
             )
-            self.module_info[module] = {"path": module, "selected": len(nodeids), "complete": complete}
+            facts[module] = {"path": module, "selected": len(nodeids), "complete": complete}
+        for item in session.items:
+            if str(item.path) in facts:
+                transport.remember_module(item, facts[str(item.path)])
 
-    @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_makereport(self, item: pytest.Item, call):
-        report = yield
-        events = item.stash.get(EVENTS_KEY, None)
-        if events:
-            report.gradcheck_baselines = list(events)
-            events.clear()
-        if report.when == "call" and str(item.path) in self.module_info:
-            report.gradcheck_module = self.module_info[str(item.path)]
-        return report
+    # -- reporting side (the transport carries the events and facts under xdist) --------
 
-    # -- reporting side (plugin.REPORT_KEYS carries the report attributes under xdist) --
-
-    def pytest_runtest_logreport(self, report) -> None:
-        for event in getattr(report, "gradcheck_baselines", None) or ():
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        data = transport.read(report)
+        if data is None:
+            return
+        for event in data.baseline_events:
             self.counts[event["action"]] += 1
             self.used.add(event["path"])
-        module = getattr(report, "gradcheck_module", None)
+        module = data.module
         if module:
             seen = self.modules.setdefault(module["path"], dict(module))
             seen["complete"] = seen["complete"] and module["complete"]
@@ -178,20 +172,19 @@ class BaselineSession:
                 continue
             files = sorted(baseline_dir(Path(module)).glob("*.json"))
             self.unused += [path for path in files if str(path) not in self.used]
-        if self.config.getoption("grad_baseline_prune"):
+        if self.settings.prune_baselines:
             for path in self.unused:
                 path.unlink(missing_ok=True)
                 for folder in (path.parent, path.parent.parent):
                     with contextlib.suppress(OSError):  # only empty folders go
                         folder.rmdir()
 
-    def pytest_terminal_summary(self, terminalreporter) -> None:
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if not (self.counts or self.unused):
             return
-        from pytest_gradcheck.report import render_baseline_summary
+        from pytest_gradcheck.report.baseline_text import render_baseline_summary
 
         terminalreporter.write_sep("-", "gradient baselines")
         unused = [shown(self.config, path) for path in self.unused]
-        pruned = self.config.getoption("grad_baseline_prune")
-        for line in render_baseline_summary(dict(self.counts), unused, pruned):
+        for line in render_baseline_summary(dict(self.counts), unused, self.settings.prune_baselines):
             terminalreporter.write_line(line)

@@ -6,14 +6,19 @@ import hashlib
 import importlib.util
 import math
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
+from typing import Any
 
-from pytest_gradcheck.bounds import Bounds
-from pytest_gradcheck.checks import CheckResult, Finding, failing, verdict
-from pytest_gradcheck.files import safe_name
-from pytest_gradcheck.profile import GradientProfile
-from pytest_gradcheck.report import ratio_text
+from pytest_gradcheck.core.bounds import Bounds
+from pytest_gradcheck.core.files import safe_name
+from pytest_gradcheck.core.findings import CheckResult, Finding, failing, verdict
+from pytest_gradcheck.core.profile import GradientProfile, LayerStats
+from pytest_gradcheck.errors import PlotUnavailable
+from pytest_gradcheck.report.format import ratio_text
+
+# A matplotlib Axes; matplotlib is optional, so it is not imported to name the type.
+Axes = Any
 
 INSTALL = 'pip install "pytest-gradcheck[plot]"'
 SUFFIXES = (".png", ".svg")
@@ -23,10 +28,6 @@ MAX_TICKS = 80  # beyond this, label every k-th layer (plus first and last) to k
 MAX_WIDTH = 22.0  # inches; wider charts are hard to view, so long models thin their labels instead
 CHAR_INCHES = 0.075  # width of one character of an 8-point tick label
 FILENAME_LIMIT = 150  # well under the 255-byte limit of common filesystems, leaving room for a suffix
-
-
-class PlotUnavailable(RuntimeError):
-    """matplotlib is not installed; the message says what to install."""
 
 
 def require_matplotlib() -> None:
@@ -39,7 +40,8 @@ def check_suffix(path: str | Path) -> None:
     suffix = Path(path).suffix.lower()
     if suffix not in SUFFIXES:
         raise ValueError(
-            f"cannot write a plot to {str(path)!r}: the file name must end in .png or .svg, got {suffix or 'no suffix'!r}"
+            f"cannot write a plot to {str(path)!r}: the file name must end in .png or .svg, "
+            f"got {suffix or 'no suffix'!r}"
         )
 
 
@@ -114,14 +116,16 @@ def plot_profile(
     return path
 
 
-def draw(axes, profile: GradientProfile, findings: list[Finding], bounds: Bounds, *, title: str | None = None) -> None:
+def draw(
+    axes: Axes, profile: GradientProfile, findings: list[Finding], bounds: Bounds, *, title: str | None = None
+) -> None:
     """Draw the chart on matplotlib ``axes``, e.g. one panel of a figure with several models."""
     labels = [short_label(layer.name) for layer in profile.layers]
     _draw(axes, profile, findings, bounds, labels)
     _title(axes, profile, findings, title)
 
 
-def _draw(axes, profile: GradientProfile, findings: list[Finding], bounds: Bounds, labels: list[str]) -> None:
+def _draw(axes: Axes, profile: GradientProfile, findings: list[Finding], bounds: Bounds, labels: list[str]) -> None:
     layers = profile.layers
     x = list(range(len(layers)))
     means = [_positive(layer.grad_mean_abs) if layer.received_grad else math.nan for layer in layers]
@@ -147,9 +151,9 @@ def _draw(axes, profile: GradientProfile, findings: list[Finding], bounds: Bound
     axes.legend(loc="best", fontsize="small", framealpha=0.85)
 
 
-def _positive(value: float) -> float:
+def _positive(value: float | None) -> float:
     """Log axes cannot show 0, NaN or Inf; those layers get their own markers instead."""
-    return value if math.isfinite(value) and value > 0 else math.nan
+    return value if value is not None and math.isfinite(value) and value > 0 else math.nan
 
 
 def _value_range(values: Iterable[float]) -> tuple[float, float]:
@@ -170,35 +174,50 @@ def _bound_levels(profile: GradientProfile, bounds: Bounds) -> list[float]:
     return [last.grad_mean_abs * ratio for ratio in (bounds.min_ratio, bounds.max_ratio) if ratio]
 
 
-def _draw_bounds(axes, profile: GradientProfile, bounds: Bounds) -> None:
+def _draw_bounds(axes: Axes, profile: GradientProfile, bounds: Bounds) -> None:
     """The band the first layer's mean |grad| must stay in, drawn relative to the last layer."""
     last = profile.last
-    if not _bound_levels(profile, bounds):
+    if last is None or not _bound_levels(profile, bounds):
         return
     base = last.grad_mean_abs
     if bounds.min_ratio:
-        axes.axhline(base * bounds.min_ratio, color="tab:red", linestyle="--", linewidth=1,
-                     label=f"min_ratio {bounds.min_ratio:g} × last layer")
+        axes.axhline(
+            base * bounds.min_ratio,
+            color="tab:red",
+            linestyle="--",
+            linewidth=1,
+            label=f"min_ratio {bounds.min_ratio:g} × last layer",
+        )
     if bounds.max_ratio:
-        axes.axhline(base * bounds.max_ratio, color="tab:purple", linestyle="--", linewidth=1,
-                     label=f"max_ratio {bounds.max_ratio:g} × last layer")
+        axes.axhline(
+            base * bounds.max_ratio,
+            color="tab:purple",
+            linestyle="--",
+            linewidth=1,
+            label=f"max_ratio {bounds.max_ratio:g} × last layer",
+        )
     if bounds.min_ratio and bounds.max_ratio:
         axes.axhspan(base * bounds.min_ratio, base * bounds.max_ratio, color="tab:green", alpha=0.07)
 
 
-def _draw_unplottable(axes, layers, low: float, high: float) -> None:
+def _draw_unplottable(axes: Axes, layers: list[LayerStats], low: float, high: float) -> None:
     """Dead, non-finite and gradient-less layers, pinned to the bottom or top edge."""
     groups = {
-        "all-zero grad (dead)": ([i for i, l in enumerate(layers) if l.dead], low / 2, "v", "tab:red"),
-        "NaN/Inf grad": ([i for i, l in enumerate(layers) if l.received_grad and not l.finite], high * 2, "X", "tab:red"),
-        "no grad (unused)": ([i for i, l in enumerate(layers) if not l.received_grad], low / 2, "o", "grey"),
+        "all-zero grad (dead)": ([i for i, layer in enumerate(layers) if layer.dead], low / 2, "v", "tab:red"),
+        "NaN/Inf grad": (
+            [i for i, layer in enumerate(layers) if layer.received_grad and not layer.finite],
+            high * 2,
+            "X",
+            "tab:red",
+        ),
+        "no grad (unused)": ([i for i, layer in enumerate(layers) if not layer.received_grad], low / 2, "o", "grey"),
     }
     for label, (indices, level, marker, color) in groups.items():
         if indices:
             axes.scatter(indices, [level] * len(indices), marker=marker, s=60, color=color, zorder=3, label=label)
 
 
-def _mark_first_last(axes, profile: GradientProfile) -> None:
+def _mark_first_last(axes: Axes, profile: GradientProfile) -> None:
     """Shade the two layers whose ratio decides vanishing/exploding, and say which is which."""
     picks = [(profile.first, "first"), (profile.last, "last")]
     for layer, word in picks:
@@ -206,20 +225,36 @@ def _mark_first_last(axes, profile: GradientProfile) -> None:
             continue
         index = profile.layers.index(layer)
         axes.axvspan(index - 0.3, index + 0.3, color="0.92", zorder=0)
-        axes.annotate(word, xy=(index, 1.0), xycoords=("data", "axes fraction"), xytext=(0, 2),
-                      textcoords="offset points", ha="center", va="bottom", fontsize="small", fontweight="bold")
+        axes.annotate(
+            word,
+            xy=(index, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(0, 2),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize="small",
+            fontweight="bold",
+        )
 
 
-def _ticks(axes, profile: GradientProfile, findings: list[Finding], labels: list[str]) -> None:
+def _ticks(axes: Axes, profile: GradientProfile, findings: list[Finding], labels: list[str]) -> None:
     count = len(labels)
     step = max(1, math.ceil(count / MAX_TICKS))
     picks = {profile.layers.index(layer) for layer in (profile.first, profile.last) if layer is not None}
     shown = sorted(set(range(0, count, step)) | picks)
     rotation = label_rotation(labels)
     axes.set_xticks(shown)
-    axes.set_xticklabels([labels[i] for i in shown], rotation=rotation, fontsize=8,
-                         ha="center" if rotation in (0, 90) else "right", rotation_mode="anchor" if rotation == 35 else "default")
-    flagged = {name for finding in failing(findings) if not _is_ratio_finding(finding, profile) for name in finding.layers}
+    axes.set_xticklabels(
+        [labels[i] for i in shown],
+        rotation=rotation,
+        fontsize=8,
+        ha="center" if rotation in (0, 90) else "right",
+        rotation_mode="anchor" if rotation == 35 else "default",
+    )
+    flagged = {
+        name for finding in failing(findings) if not _is_ratio_finding(finding, profile) for name in finding.layers
+    }
     for tick, index in zip(axes.get_xticklabels(), shown):
         if profile.layers[index].name in flagged:
             tick.set_color("tab:red")
@@ -230,7 +265,7 @@ def _is_ratio_finding(finding: Finding, profile: GradientProfile) -> bool:
     return finding.rule in ("vanishing", "exploding") and finding.value == profile.ratio
 
 
-def _title(axes, profile: GradientProfile, findings: list[Finding], title: str | None) -> None:
+def _title(axes: Axes, profile: GradientProfile, findings: list[Finding], title: str | None) -> None:
     shown = ratio_text(profile.ratio)
     outcome = verdict(findings)
     heading = f"{profile.model}: {outcome.upper()}, first/last mean |grad| ratio {shown}"
@@ -250,7 +285,7 @@ def plot_filename(nodeid: str, name: str | None = None, index: int = 0, suffix: 
         stem += f"-{index + 1}"
     if len(stem) > FILENAME_LIMIT:  # keep it unique: a short hash of the full id replaces the middle
         digest = hashlib.sha1(stem.encode()).hexdigest()[:10]
-        stem = f"{stem[:FILENAME_LIMIT - 40]}~{digest}~{stem[-28:]}"
+        stem = f"{stem[: FILENAME_LIMIT - 40]}~{digest}~{stem[-28:]}"
     return stem + suffix
 
 

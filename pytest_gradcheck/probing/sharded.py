@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import sys
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from pytest_gradcheck.errors import ProbeError
+from pytest_gradcheck.probing.statistics import ParamStats, StatRow
 
 # Columns summed across ranks per parameter: |g| sum, g^2 sum, nonzero count, w^2 sum.
 _SUMMED = 4
@@ -28,11 +30,11 @@ def is_fully_sharded(model: nn.Module) -> bool:
         )
     # torch < 2.6 kept FSDP2 under torch.distributed._composable.fsdp.
     homes = [fsdp, sys.modules.get("torch.distributed._composable.fsdp")]
-    sharded_types = tuple({home.FSDPModule for home in homes if hasattr(home, "FSDPModule")})
+    sharded_types = tuple({getattr(home, "FSDPModule") for home in homes if hasattr(home, "FSDPModule")})
     return bool(sharded_types) and any(isinstance(module, sharded_types) for module in model.modules())
 
 
-def gradients(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+def gradients(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor | None]:
     """The reduce-scattered gradient shards of ``params``; their ``.grad`` is restored afterwards.
 
     FSDP2 reduce-scatters in its post-backward hooks, which ``torch.autograd.grad`` never
@@ -50,8 +52,13 @@ def gradients(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tens
             param.grad = grad
 
 
-def statistics(params, grads, embedding_rows: dict, loss: torch.Tensor):
-    """What ``probing._statistics`` returns with ``detail`` (rows of five per parameter),
+def statistics(
+    params: list[nn.Parameter],
+    grads: list[torch.Tensor | None],
+    embedding_rows: dict[int, torch.Tensor],
+    loss: torch.Tensor,
+) -> tuple[list[ParamStats], dict[int, float], float]:
+    """What ``statistics.gradient_statistics`` returns with ``detail`` (a StatRow per parameter),
     with sums and maxima all-reduced across the shards.
 
     Every rank must call this: it runs two collectives. Parameters that FSDP leaves
@@ -76,19 +83,19 @@ def statistics(params, grads, embedding_rows: dict, loss: torch.Tensor):
     dist.all_reduce(summed, dist.ReduceOp.SUM, group=group)
     dist.all_reduce(maximal, dist.ReduceOp.MAX, group=group)
     summed_values, maximal_values = summed.tolist(), maximal.tolist()  # the one host sync
-    by_param = {}
+    by_param: dict[int, StatRow] = {}
     for index, param in enumerate(received):
         l1, l2_squared, nonzero, weight_squared = summed_values[_SUMMED * index : _SUMMED * (index + 1)]
         linf = maximal_values[index]
-        by_param[id(param)] = [l1, math.sqrt(l2_squared), linf, nonzero, math.sqrt(weight_squared)]
-    per_param = [by_param.get(id(param)) for param in params]
+        by_param[id(param)] = StatRow(l1, math.sqrt(l2_squared), linf, nonzero, math.sqrt(weight_squared))
+    per_param: list[ParamStats] = [by_param.get(id(param)) for param in params]
     # The union of rows looked up is not a sum; with the probe's seeded inputs all ranks agree.
     rows = dict(zip(embedding_ids, maximal_values[len(received) :]))
     loss_value = summed_values[-1] / dist.get_world_size(group)
     return per_param, rows, loss_value
 
 
-def _shard_group(grads):
+def _shard_group(grads: list[torch.Tensor | None]) -> Any:
     """The one process group the gradients are sharded over (FSDP2 on a 1-D mesh)."""
     from torch.distributed.tensor import DTensor
 

@@ -1,0 +1,1 @@
+"""The pure core: plain-data profiles, bounds, checks, diagnosis and baselines. Never imports torch."""

@@ -1,0 +1,1 @@
+"""Renderers: profiles, findings and baseline comparisons as text, Markdown, JSON and charts. They decide nothing."""

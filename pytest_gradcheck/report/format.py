@@ -1,0 +1,63 @@
+"""The small pieces every report shares: numbers, ratios, notes, and the lines under a table."""
+
+from __future__ import annotations
+
+import math
+
+from pytest_gradcheck.core.findings import CheckResult, Finding
+from pytest_gradcheck.core.profile import GradientProfile, LayerStats
+
+
+def number(value: float | None) -> str:
+    """A statistic in a table cell: three significant digits in exponent form, '-' when not measured."""
+    if value is None:
+        return "-"
+    if math.isnan(value) or math.isinf(value):
+        return str(value)
+    return f"{value:.3e}"
+
+
+def ratio_text(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio:.3g}"
+
+
+def factor_text(factor: float | None) -> str:
+    return "-" if factor is None else f"{factor:.3g}x"
+
+
+def layer_notes(profile: GradientProfile, layer: LayerStats, findings: list[Finding]) -> str:
+    """Short flags for one row: first/last pick, findings that name it, sharing."""
+    notes = []
+    if profile.first is layer:
+        notes.append("first")
+    if profile.last is layer:
+        notes.append("last")
+    for finding in findings:
+        if layer.name in finding.layers and finding.rule not in notes:
+            notes.append(finding.rule)
+    if not layer.executed:
+        notes.append("not called")
+    if layer.shared_with:
+        notes.append("shared with " + ", ".join(layer.shared_with))
+    return ", ".join(notes)
+
+
+def finding_lines(finding: Finding) -> list[str]:
+    """The lines under a table for one finding."""
+    marker = "FAIL" if finding.failing else "note"
+    return [f"  {marker} {finding.rule}: {finding.message}"] + cause_lines(finding)
+
+
+def cause_lines(finding: Finding) -> list[str]:
+    """The finding's best-ranked cause and its fix, one line each."""
+    if not finding.causes:
+        return []
+    cause = finding.causes[0]
+    lines = [f"    cause: {cause.summary or cause.cause}"]
+    return lines + ([f"    fix: {cause.fix}"] if cause.fix else [])
+
+
+def junit_properties(result: CheckResult) -> list[tuple[str, str]]:
+    """The ``(name, value)`` pairs a probed test records in the JUnit XML."""
+    ratio = result.profile.ratio
+    return [("grad_ratio", "n/a" if ratio is None else f"{ratio:.6g}"), ("grad_verdict", result.verdict)]
