@@ -7,9 +7,9 @@ ratio of two things measured side by side in this one run:
 
 - probe:    pytest_gradcheck.probe(model, inputs), the floor
 - again:    the same probe once more: again / probe is the noise floor of this machine (A/A)
-- assess:   health.assess(model, inputs, bounds=Bounds()), what gradient_health runs: probe,
+- assess:   pytest_gradcheck.assess(model, inputs, bounds=Bounds()), what gradient_health runs: probe,
             check, and the instrumented activation pass only when vanishing/exploding fires
-- diagnose: health.assess(..., diagnose=True), the pass always (a failing model, or the
+- diagnose: assess(..., diagnose=True), the pass always (a failing model, or the
             dead_relu/saturation rules switched on)
 
 Ratios are medians of the per-round ratios: the variants of one round run back to back,
@@ -35,12 +35,7 @@ sys.path.insert(0, str(HERE.parent / "examples"))
 from models import build  # noqa: E402
 from seed_networks import ReLUNet, SigmoidNet  # noqa: E402
 
-from pytest_gradcheck import (
-    assess,
-    probe,
-)
-from pytest_gradcheck.core.bounds import Bounds  # noqa: E402
-from pytest_gradcheck.core.findings import verdict  # noqa: E402
+from pytest_gradcheck import Bounds, assess, probe  # noqa: E402
 
 HEALTHY_TARGET = 1.10
 DEFAULT_MODELS = ["relu-net", "resnet18", "sigmoid-net", "mlp-10", "mlp-100"]
@@ -117,7 +112,7 @@ def main() -> int:
     for name in args.models:
         model, inputs = case(name)
         model, inputs = model.to(args.device), inputs.to(args.device)
-        health = verdict(assess(model, inputs, bounds=Bounds(), diagnose=False)[1])
+        health = assess(model, inputs, bounds=Bounds(), diagnose=False).verdict
         samples = alternate(model, inputs, reps)
         t = {name: statistics.median(values) for name, values in samples.items()}
         ratio = paired(samples, "assess")

@@ -11,7 +11,7 @@ difference is a different float32 rounding, so it stays within that gap.
 
 The output gives, per model, the largest factor between any layer's mean |grad|
 (and the first/last ratio) in two runs. The default tolerance in
-pytest_gradcheck/baseline.py must be far above every number here.
+pytest_gradcheck/core/baseline.py must be far above every number here.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples")
 from seed_networks import ReLUNet, SigmoidNet, SmallInitNet
 
 from pytest_gradcheck import probe
-from pytest_gradcheck.core.baseline import DEFAULT_TOLERANCE, compare, dumps_baseline, loads_baseline
+from pytest_gradcheck.core.baseline import DEFAULT_TOLERANCE, compare_baseline, dumps_baseline, loads_baseline
 
 
 class SmallConvNet(nn.Module):
@@ -83,7 +83,7 @@ def profile_of(name: str, threads: int, dtype: torch.dtype = torch.float32):
 
 def worst(reference, other) -> tuple[float, float]:
     """Largest factor (>= 1) between matching layers, and between the first/last ratios."""
-    comparison = compare(reference, other, DEFAULT_TOLERANCE)
+    comparison = compare_baseline(reference, other, DEFAULT_TOLERANCE)
     layer_worst = max(_spread(delta.factor) for delta in comparison.layers)
     return layer_worst, _spread(comparison.ratio_factor)
 
@@ -111,7 +111,7 @@ def main() -> None:
             overall = max(overall, layer_worst, ratio_worst)
             same_file = dumps_baseline(reference) == dumps_baseline(other)
             # The stored file is rounded; comparing against it must pass as well.
-            assert compare(loads_baseline(dumps_baseline(reference)), other).passed, (name, label)
+            assert compare_baseline(loads_baseline(dumps_baseline(reference)), other).passed, (name, label)
             print(f"{name:<14} {label:<22} {layer_worst - 1:>9.1e} {ratio_worst - 1:>9.1e}  {same_file}")
     print(f"largest factor seen: 1 + {overall - 1:.1e}; default tolerance {DEFAULT_TOLERANCE:g}x")
 

@@ -4,7 +4,7 @@ Run: python benchmarks/measure_bounds.py [--seeds 200]
 
 For each family of networks and each batch size it probes one freshly initialised
 model per seed and prints the smallest and largest first/last ratio seen. The
-defaults in pytest_gradcheck/bounds.py must fail every "must fail" family and pass
+defaults in pytest_gradcheck/core/bounds.py must fail every "must fail" family and pass
 every "must pass" one, with at least a 2x margin between each bound and the worst case.
 """
 

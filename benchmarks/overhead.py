@@ -14,6 +14,8 @@ a ratio of two things measured side by side in this one run:
 Each model is timed in a fresh child process, so that one case's leftovers (a heap
 the garbage collector has to walk) cannot slow the next. Every variant starts from
 ``.grad`` None, set outside the clock, as a fresh model does.
+With --against DIR, the probe / bare ratios of this tree and of the checkout in DIR are
+measured side by side: their child processes alternate, a few rounds each.
 Peak memory is measured in a fresh child process per variant: the peak resident
 set above what the process held before it built the model (CPU), or
 max_memory_allocated (CUDA); both count the model, its inputs and one pass.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import resource
 import statistics
@@ -114,15 +117,47 @@ def alternate(model, inputs, reps: int) -> dict[str, float]:
     return result
 
 
-def timings(case: str, reps: int, device: str) -> dict[str, float]:
-    """Median seconds of each variant on ``case``, measured in a fresh child process."""
+def timings(case: str, reps: int, device: str, package_root: str | None = None) -> dict[str, float]:
+    """Median seconds of each variant on ``case``, measured in a fresh child process.
+
+    ``package_root`` is a checkout whose ``pytest_gradcheck`` the child imports instead
+    of the installed one (see --against).
+    """
+    env = dict(os.environ)
+    if package_root:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     out = subprocess.run(
         [sys.executable, __file__, "--time-child", case, str(reps), "--device", device],
         capture_output=True,
         text=True,
         check=True,
+        env=env,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def side_by_side(models: list[str], reps: dict[str, int], device: str, against: str, rounds: int) -> None:
+    """probe / bare of this tree next to another checkout's, children alternating, ``rounds`` each."""
+    here = str(pathlib.Path(__file__).resolve().parent.parent)
+    print(f"this tree: {here}\nagainst:   {against}\n")
+    print(
+        "| model | probe / bare, this tree | probe / bare, against | this / against "
+        "| detail / bare, this | detail / bare, against |"
+    )
+    print("|---|---|---|---|---|---|")
+    for case in models:
+        runs: dict[str, list[dict[str, float]]] = {"this": [], "against": []}
+        for turn in range(rounds):
+            order = [("this", here), ("against", against)]
+            for label, root in order if turn % 2 == 0 else reversed(order):
+                runs[label].append(timings(case, reps[case], device, root))
+        this = statistics.median(t["probe/bare"] for t in runs["this"])
+        other = statistics.median(t["probe/bare"] for t in runs["against"])
+        detail_this = statistics.median(t["detail/bare"] for t in runs["this"])
+        detail_other = statistics.median(t["detail/bare"] for t in runs["against"])
+        print(
+            f"| {case} | {this:.3f} | {other:.3f} | **{this / other:.3f}** | {detail_this:.3f} | {detail_other:.3f} |"
+        )
 
 
 def time_child(case: str, reps: int, device: str) -> None:
@@ -198,6 +233,12 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--models", nargs="+", default=list(TARGETS), choices=list(TARGETS), help="models to measure")
+    parser.add_argument(
+        "--against",
+        metavar="DIR",
+        help="a checkout of another version (e.g. `git worktree add /tmp/prev main`): time both side by side",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="child processes per version with --against")
     parser.add_argument("--memory-child", nargs=2, metavar=("CASE", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--time-child", nargs=2, metavar=("CASE", "REPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -214,6 +255,9 @@ def main() -> int:
         "mlp-1000": 5 if args.quick else 21,
     }
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    if args.against:
+        side_by_side(args.models, reps, args.device, args.against, args.rounds)
+        return 0
     rows, ok = [], True
     for case in args.models:
         target = TARGETS[case]
@@ -250,9 +294,8 @@ def main() -> int:
             f"| {per_layer[layers] * 1e6:.1f} |"
         )
     growth = per_layer[1000] / per_layer[100]
-    print(
-        f"\nextra cost per layer at 1000 layers / at 100 layers: {growth:.2f} (1.0 is linear; a quadratic term shows as ~10)"
-    )
+    print(f"\nextra cost per layer at 1000 layers / at 100 layers: {growth:.2f}")
+    print("(1.0 is linear; a quadratic term shows as ~10)")
     print("\nall targets met" if ok else "\nSOME TARGETS MISSED")
     return 0 if ok else 1
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pytest_gradcheck import cli
+from pytest_gradcheck.cli import command as cli
 from pytest_gradcheck.report.plot import draw
 
 ROOT = Path(__file__).resolve().parent.parent

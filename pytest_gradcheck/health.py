@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from pytest_gradcheck.core.bounds import Bounds
+from pytest_gradcheck.core.bounds import Bounds, resolve
 from pytest_gradcheck.core.checks import check
 from pytest_gradcheck.core.diagnosis import DIAGNOSED_RULES, explain
 from pytest_gradcheck.core.findings import Finding, failing, verdict
@@ -43,6 +43,7 @@ def assess(
     seed: int = 0,
     diagnose: bool | None = None,
     detail: bool = False,
+    **overrides: Any,
 ) -> Assessment:
     """Probe ``model`` once, check its profile against ``bounds`` and explain what failed.
 
@@ -52,11 +53,15 @@ def assess(
     ``profile.activations`` holds its numbers and the vanishing and exploding findings carry
     ranked ``causes``. ``detail`` asks the probe for the statistics beyond mean |grad| (a
     report or plot shows them); the ``max_grad`` bound asks for them by itself.
+
+    Keyword bounds (``min_ratio=0.05``, ``max_ratio="off"``, ...) override ``bounds``, or
+    the defaults when it is None.
     """
     __tracebackhide__ = True
     from pytest_gradcheck.probing.runner import ModelRun  # torch is imported here, never at plugin load
 
-    bounds = bounds or Bounds()
+    if bounds is None or overrides:
+        bounds = resolve(bounds.to_dict() if bounds else {}, overrides)
     with ModelRun(model, inputs, seed=seed) as run:
         profile = run.gradient_profile(loss_fn=loss_fn, detail=detail or bounds.max_grad is not None)
         if diagnose or (diagnose is None and needs_activations(bounds)):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_gradcheck.core.findings import CheckResult
 from pytest_gradcheck.plugin import transport
 from pytest_gradcheck.plugin.options import Settings
+
+if TYPE_CHECKING:
+    from pytest_gradcheck.core.findings import CheckResult
 
 
 class GradcheckSession:

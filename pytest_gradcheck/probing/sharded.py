@@ -30,7 +30,7 @@ def is_fully_sharded(model: nn.Module) -> bool:
         )
     # torch < 2.6 kept FSDP2 under torch.distributed._composable.fsdp.
     homes = [fsdp, sys.modules.get("torch.distributed._composable.fsdp")]
-    sharded_types = tuple({getattr(home, "FSDPModule") for home in homes if hasattr(home, "FSDPModule")})
+    sharded_types = tuple({home.FSDPModule for home in homes if home is not None and hasattr(home, "FSDPModule")})
     return bool(sharded_types) and any(isinstance(module, sharded_types) for module in model.modules())
 
 

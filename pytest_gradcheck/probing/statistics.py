@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ class StatRow(NamedTuple):
 
 
 # Without ``detail`` a parameter has its L1 norm alone; None where it got no gradient.
-ParamStats = Union[float, StatRow, None]
+ParamStats = float | StatRow | None
 _DETAIL_WIDTH = len(StatRow._fields)
 # Tensors up to _SMALL_TENSOR elements are stacked into copies of at most
 # _PIECE_ELEMENTS elements, which bounds the extra memory; |g| is taken in place on

@@ -14,7 +14,7 @@ from pytest_gradcheck.core.bounds import Bounds
 from pytest_gradcheck.core.files import safe_name
 from pytest_gradcheck.core.findings import CheckResult, Finding, failing, verdict
 from pytest_gradcheck.core.profile import GradientProfile, LayerStats
-from pytest_gradcheck.errors import PlotUnavailable
+from pytest_gradcheck.errors import PlotUnavailable, SettingError
 from pytest_gradcheck.report.format import ratio_text
 
 # A matplotlib Axes; matplotlib is optional, so it is not imported to name the type.
@@ -39,9 +39,10 @@ def require_matplotlib() -> None:
 def check_suffix(path: str | Path) -> None:
     suffix = Path(path).suffix.lower()
     if suffix not in SUFFIXES:
-        raise ValueError(
+        raise SettingError(
+            "plot",
             f"cannot write a plot to {str(path)!r}: the file name must end in .png or .svg, "
-            f"got {suffix or 'no suffix'!r}"
+            f"got {suffix or 'no suffix'!r}",
         )
 
 
