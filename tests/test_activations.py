@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers.models import Forms, MaskedResidual, UnrolledRNNCell
 from torch import nn
 
 from pytest_gradcheck import probe
@@ -17,47 +17,6 @@ def measure(model, inputs=None, seed=0) -> ActivationProfile:
     """The instrumented pass alone, set up as a probe's."""
     with ModelRun(model, inputs, seed=seed) as run:
         return run.activation_profile()
-
-
-# A Linear with zero weights: its output is its bias for every sample, whatever the input.
-DEAD_HALF = [-1.0, -2.0, 2.0, 3.0]  # two of four ReLU units are dead
-SATURATED_HALF = [-6.0, 6.0, 0.0, 0.0]  # two of four sigmoid inputs have |x| >= 5
-
-
-def fixed(bias):
-    layer = nn.Linear(4, 4)
-    with torch.no_grad():
-        layer.weight.zero_()
-        layer.bias.copy_(torch.tensor(bias))
-    return layer
-
-
-class Forms(nn.Module):
-    """The same two activations written every way a model can call them."""
-
-    def __init__(self, form):
-        super().__init__()
-        self.pre_relu = fixed(DEAD_HALF)
-        self.pre_sigmoid = fixed(SATURATED_HALF)
-        self.head = nn.Linear(4, 1)
-        self.form = form
-        self.relu_module = nn.ReLU(inplace=form == "inplace")
-
-    def forward(self, x):
-        a = self.pre_relu(x)
-        if self.form == "functional":
-            a = F.relu(a)
-        elif self.form == "torch":
-            a = torch.relu(a)
-        elif self.form == "method":
-            a = a.relu()
-        elif self.form == "inplace":
-            a = F.relu(a, inplace=True)
-        else:
-            a = self.relu_module(a)
-        s = self.pre_sigmoid(x + a.sum(dim=1, keepdim=True))
-        s = s.sigmoid_() if self.form == "inplace" else torch.sigmoid(s)
-        return self.head(s)
 
 
 @pytest.mark.parametrize(
@@ -92,20 +51,7 @@ def test_smooth_rectifiers_are_caught_without_a_dead_share():
 
 
 def test_a_loop_pools_into_one_site_and_counts_depth():
-    class Unrolled(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.enc = nn.Linear(8, 8)
-            self.cell = nn.RNNCell(8, 8)
-            self.out = nn.Linear(8, 1)
-
-        def forward(self, x):
-            h = self.enc(x)
-            for _ in range(7):
-                h = self.cell(torch.zeros_like(h), h)
-            return self.out(h)
-
-    data = measure(Unrolled(), torch.randn(4, 8))
+    data = measure(UnrolledRNNCell(), torch.randn(4, 8))
     (site,) = data.sites
     assert (site.function, site.call, site.after, site.calls) == ("tanh", "torch.rnn_tanh_cell", "cell", 7)
     assert 0 < site.mean_derivative <= 1
@@ -114,17 +60,7 @@ def test_a_loop_pools_into_one_site_and_counts_depth():
 
 
 def test_residual_connections_shorten_the_shortest_path():
-    class Residual(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(5))
-
-        def forward(self, x, mask):
-            for block in self.blocks:
-                x = x + F.relu(block(x))
-            return x * mask  # a mask carries no gradient: it must not shorten the path
-
-    data = measure(Residual(), (torch.randn(4, 8), torch.ones(4, 8)))
+    data = measure(MaskedResidual(), (torch.randn(4, 8), torch.ones(4, 8)))
     assert (data.shortest_chain, data.longest_chain) == (1, 5)
 
 

@@ -6,32 +6,12 @@ import json
 import math
 
 import pytest
+from helpers.profiles import make_layer, make_profile
 
 from pytest_gradcheck.core.bounds import Bounds
 from pytest_gradcheck.core.checks import check
 from pytest_gradcheck.core.findings import CheckResult, Finding, failing, verdict
-from pytest_gradcheck.core.profile import GradientProfile, LayerStats
-
-
-def layer(name: str, mean: float = 1.0, **fields) -> LayerStats:
-    values = dict(
-        name=name,
-        kind="Linear",
-        numel=100,
-        grad_mean_abs=mean,
-        grad_max_abs=4 * mean,
-        grad_norm=10 * mean,
-        weight_norm=5.0,
-        zero_fraction=0.0,
-        finite=True,
-        all_zero=mean == 0.0,
-    )
-    values.update(fields)
-    return LayerStats(**values)
-
-
-def profile(*layers: LayerStats) -> GradientProfile:
-    return GradientProfile(model="Net", layers=list(layers), loss=1.5, input_shapes=["float32[8, 4]"])
+from pytest_gradcheck.core.profile import GradientProfile
 
 
 def rules(findings: list[Finding]) -> list[str]:
@@ -42,13 +22,13 @@ def rules(findings: list[Finding]) -> list[str]:
 
 
 def test_picks_skip_norms_bias_only_and_layers_without_gradient():
-    net = profile(
-        layer("shift", 9.0, has_matrix=False),
-        layer("norm_in", 9.0, is_norm=True, kind="LayerNorm"),
-        layer("fc1", 0.5),
-        layer("fc2", 2.0),
-        layer("norm_out", 9.0, is_norm=True, kind="LayerNorm"),
-        layer("pooler", 0.0, received_grad=False, zero_fraction=1.0, unused_parameters=["pooler.weight"]),
+    net = make_profile(
+        make_layer("shift", 9.0, has_matrix=False),
+        make_layer("norm_in", 9.0, is_norm=True, kind="LayerNorm"),
+        make_layer("fc1", 0.5),
+        make_layer("fc2", 2.0),
+        make_layer("norm_out", 9.0, is_norm=True, kind="LayerNorm"),
+        make_layer("pooler", 0.0, received_grad=False, zero_fraction=1.0, unused_parameters=["pooler.weight"]),
     )
 
     assert (net.first.name, net.last.name) == ("fc1", "fc2")
@@ -56,15 +36,15 @@ def test_picks_skip_norms_bias_only_and_layers_without_gradient():
 
 
 def test_ratio_edge_cases():
-    assert profile(layer("only")).ratio is None
-    assert profile().ratio is None
-    assert profile(layer("a", 1.0), layer("b", 0.0)).ratio == math.inf
-    assert profile(layer("a", 0.0), layer("b", 0.0)).ratio is None
-    assert math.isnan(profile(layer("a", math.nan, finite=False), layer("b", 1.0)).ratio)
+    assert make_profile(make_layer("only")).ratio is None
+    assert make_profile().ratio is None
+    assert make_profile(make_layer("a", 1.0), make_layer("b", 0.0)).ratio == math.inf
+    assert make_profile(make_layer("a", 0.0), make_layer("b", 0.0)).ratio is None
+    assert math.isnan(make_profile(make_layer("a", math.nan, finite=False), make_layer("b", 1.0)).ratio)
 
 
 def test_layer_lookup_names_the_known_layers():
-    net = profile(layer("fc1"), layer("fc2"))
+    net = make_profile(make_layer("fc1"), make_layer("fc2"))
 
     assert net.layer("fc2") is net.layers[1]
     with pytest.raises(KeyError, match="no layer named 'fc9' in the profile of Net; layers: fc1, fc2"):
@@ -75,14 +55,14 @@ def test_layer_lookup_names_the_known_layers():
 
 
 def test_healthy_profile_has_no_findings():
-    findings = check(profile(layer("fc1", 0.5), layer("fc2", 1.0)), Bounds())
+    findings = check(make_profile(0.5, 1.0), Bounds())
 
     assert findings == []
     assert verdict(findings) == "healthy"
 
 
 def test_vanishing_below_min_ratio():
-    findings = check(profile(layer("fc1", 1e-4), layer("fc2", 1e-2)), Bounds(min_ratio=0.02))
+    findings = check(make_profile(1e-4, 1e-2), Bounds(min_ratio=0.02))
 
     assert rules(findings) == ["vanishing"]
     finding = findings[0]
@@ -97,7 +77,7 @@ def test_vanishing_below_min_ratio():
 
 
 def test_exploding_above_max_ratio():
-    findings = check(profile(layer("fc1", 300.0), layer("fc2", 2.0)), Bounds(max_ratio=50))
+    findings = check(make_profile(300.0, 2.0), Bounds(max_ratio=50))
 
     assert rules(findings) == ["exploding"]
     assert findings[0].value == 150.0
@@ -107,19 +87,21 @@ def test_exploding_above_max_ratio():
 
 @pytest.mark.parametrize(("ratio", "bounds"), [(0.02, Bounds(min_ratio=0.02)), (50.0, Bounds(max_ratio=50.0))])
 def test_a_ratio_on_the_bound_passes(ratio, bounds):
-    assert check(profile(layer("fc1", ratio), layer("fc2", 1.0)), bounds) == []
+    assert check(make_profile(ratio, 1.0), bounds) == []
 
 
 def test_ratio_bounds_switched_off():
-    tiny = profile(layer("fc1", 1e-9), layer("fc2", 1.0))
-    huge = profile(layer("fc1", 1e9), layer("fc2", 1.0))
+    tiny = make_profile(1e-9, 1.0)
+    huge = make_profile(1e9, 1.0)
 
     assert check(tiny, Bounds(min_ratio=None)) == []
     assert check(huge, Bounds(max_ratio=None)) == []
 
 
 def test_nonfinite_names_the_layers_and_skips_the_ratio():
-    net = profile(layer("fc1", math.nan, finite=False), layer("fc2", 1.0), layer("fc3", math.inf, finite=False))
+    net = make_profile(
+        make_layer("fc1", math.nan, finite=False), make_layer("fc2", 1.0), make_layer("fc3", math.inf, finite=False)
+    )
 
     findings = check(net, Bounds())
 
@@ -130,7 +112,9 @@ def test_nonfinite_names_the_layers_and_skips_the_ratio():
 
 
 def test_dead_layer_all_zero_gradients():
-    net = profile(layer("fc1", 1.0), layer("fc2", 0.0, grad_max_abs=0.0, zero_fraction=1.0), layer("fc3", 1.0))
+    net = make_profile(
+        make_layer("fc1", 1.0), make_layer("fc2", 0.0, grad_max_abs=0.0, zero_fraction=1.0), make_layer("fc3", 1.0)
+    )
 
     findings = check(net, Bounds())
 
@@ -141,10 +125,10 @@ def test_dead_layer_all_zero_gradients():
 
 
 def test_a_layer_without_gradient_is_unused_not_dead():
-    pooler = layer(
+    pooler = make_layer(
         "pooler", 0.0, received_grad=False, zero_fraction=1.0, unused_parameters=["pooler.weight", "pooler.bias"]
     )
-    net = profile(layer("fc1"), layer("fc2"), pooler)
+    net = make_profile(make_layer("fc1"), make_layer("fc2"), pooler)
 
     lenient = check(net, Bounds())
     strict = check(net, Bounds(fail_on_unused=True))
@@ -159,9 +143,11 @@ def test_a_layer_without_gradient_is_unused_not_dead():
 
 
 def test_max_grad_is_off_by_default_and_catches_uniformly_huge_gradients():
-    net = profile(layer("fc1", 1e6, grad_max_abs=5e6), layer("fc2", 1e6, grad_max_abs=9e6), layer("fc3", 1.0))
+    net = make_profile(
+        make_layer("fc1", 1e6, grad_max_abs=5e6), make_layer("fc2", 1e6, grad_max_abs=9e6), make_layer("fc3", 1.0)
+    )
 
-    assert check(profile(*net.layers[:2]), Bounds()) == []  # the ratio is 1: no ratio can see this
+    assert check(make_profile(*net.layers[:2]), Bounds()) == []  # the ratio is 1: no ratio can see this
     findings = check(net, Bounds(max_ratio=None, min_ratio=None, max_grad=1e3))
 
     assert rules(findings) == ["exploding"]
@@ -171,13 +157,13 @@ def test_max_grad_is_off_by_default_and_catches_uniformly_huge_gradients():
 
 
 def test_max_grad_leaves_nonfinite_layers_to_their_own_rule():
-    net = profile(layer("fc1", math.inf, grad_max_abs=math.inf, finite=False), layer("fc2", 1.0))
+    net = make_profile(make_layer("fc1", math.inf, grad_max_abs=math.inf, finite=False), make_layer("fc2", 1.0))
 
     assert rules(check(net, Bounds(max_grad=10.0))) == ["nonfinite"]
 
 
 def test_profile_check_takes_explicit_bounds():
-    net = profile(layer("fc1", 1e-3), layer("fc2", 1.0))
+    net = make_profile(1e-3, 1.0)
 
     assert rules(check(net)) == ["vanishing"]  # no bound given: the defaults apply
     assert check(net, min_ratio="off") == []
@@ -191,10 +177,10 @@ def test_profile_check_takes_explicit_bounds():
 
 
 def test_verdict_joins_failing_rules_once_in_order():
-    net = profile(
-        layer("fc1", 1e6, grad_max_abs=1e7),
-        layer("fc2", 0.0, grad_max_abs=0.0, zero_fraction=1.0),
-        layer("fc3", 1.0),
+    net = make_profile(
+        make_layer("fc1", 1e6, grad_max_abs=1e7),
+        make_layer("fc2", 0.0, grad_max_abs=0.0, zero_fraction=1.0),
+        make_layer("fc3", 1.0),
     )
 
     findings = check(net, Bounds(max_grad=10.0))
@@ -219,10 +205,10 @@ def rich_profile() -> GradientProfile:
     return GradientProfile(
         model="TiedLM",
         layers=[
-            layer("emb", 0.3, kind="Embedding", shared_with=["head"]),
-            layer("norm", 0.2, kind="LayerNorm", is_norm=True, has_matrix=False),
-            layer("head", 0.1, has_matrix=False),
-            layer("pooler", 0.0, received_grad=False, executed=False, unused_parameters=["pooler.weight"]),
+            make_layer("emb", 0.3, kind="Embedding", shared_with=["head"]),
+            make_layer("norm", 0.2, kind="LayerNorm", is_norm=True, has_matrix=False),
+            make_layer("head", 0.1, has_matrix=False),
+            make_layer("pooler", 0.0, received_grad=False, executed=False, unused_parameters=["pooler.weight"]),
         ],
         loss=2.5,
         seed=7,
@@ -251,8 +237,8 @@ def test_from_dict_ignores_derived_and_unknown_keys():
 
 
 def test_check_result_round_trips():
-    pooler = layer("pooler", 0.0, received_grad=False, unused_parameters=["pooler.weight"])
-    net = profile(layer("fc1", 1e-4), layer("fc2", 1.0), pooler)
+    pooler = make_layer("pooler", 0.0, received_grad=False, unused_parameters=["pooler.weight"])
+    net = make_profile(make_layer("fc1", 1e-4), make_layer("fc2", 1.0), pooler)
     bounds = Bounds(min_ratio=0.05, max_grad=1e3, fail_on_unused=True)
     result = CheckResult("tests/test_x.py::test_net", "encoder", net, bounds, check(net, bounds))
 

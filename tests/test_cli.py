@@ -10,11 +10,11 @@ import sys
 import textwrap
 
 import pytest
+from helpers import ROOT, SEED_NETWORKS
 
 from pytest_gradcheck.cli.command import EXIT_FAILING, EXIT_HEALTHY, EXIT_USAGE, main
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-SEED = str(ROOT / "examples" / "seed_networks.py")
+SEED = str(SEED_NETWORKS)
 
 MODELS = textwrap.dedent(
     """
@@ -249,8 +249,8 @@ def test_pytest_grad_plot_without_matplotlib_is_a_usage_error(pytester, monkeypa
     result = pytester.runpytest("--grad-plot", "plots")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert (
-        'ERROR: --grad-plot: gradient-flow plots need matplotlib, which is not installed; run: pip install "pytest-gradcheck[plot]"'
-        in result.stderr.lines
+        "ERROR: --grad-plot: gradient-flow plots need matplotlib, which is not installed; "
+        'run: pip install "pytest-gradcheck[plot]"' in result.stderr.lines
     )
 
 
@@ -298,12 +298,17 @@ def _run(*argv):
     return subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
+@pytest.mark.slow
 def test_help_and_option_errors_do_not_import_torch_or_matplotlib():
-    code = "import sys, pytest_gradcheck.cli, pytest_gradcheck.report.plot; print(sorted({'torch', 'matplotlib'} & set(sys.modules)))"
+    code = (
+        "import sys, pytest_gradcheck.cli, pytest_gradcheck.report.plot; "
+        "print(sorted({'torch', 'matplotlib'} & set(sys.modules)))"
+    )
     done = _run(sys.executable, "-c", code)
     assert done.stdout.strip() == "[]", done.stderr
 
 
+@pytest.mark.slow
 def test_python_dash_m_exits_1_on_the_sigmoid_net():
     done = _run(
         sys.executable, "-m", "pytest_gradcheck", "examples/seed_networks.py:SigmoidNet", "--input-shape", "1,64"
@@ -312,6 +317,7 @@ def test_python_dash_m_exits_1_on_the_sigmoid_net():
     assert "verdict: vanishing" in done.stdout
 
 
+@pytest.mark.slow
 def test_console_script_load_error_has_no_traceback():
     script = shutil.which("gradcheck", path=str(pathlib.Path(sys.executable).parent))
     if script is None:

@@ -18,6 +18,9 @@ from pytest_gradcheck import ProbeError, probe
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("this torch build has no gloo process groups", allow_module_level=True)
 
+# Two worker processes join a gloo process group: seconds to start, so out of the quick loop.
+pytestmark = pytest.mark.slow
+
 WORKER = Path(__file__).with_name("distributed_worker.py")
 WORLD_SIZE = 2
 # Both ranks import torch on a busy CI machine; a hang past this fails the test instead.
@@ -137,5 +140,5 @@ def test_fsdp1_wrapped_model_is_refused_with_a_pointer_to_fully_shard():
     legacy = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
     nn.Module.__init__(legacy)
     model = nn.Sequential(nn.Linear(4, 4), legacy)
-    with pytest.raises(ProbeError, match="FullyShardedDataParallel \\(FSDP1\\).*fully_shard"):
+    with pytest.raises(ProbeError, match=r"FullyShardedDataParallel \(FSDP1\).*fully_shard"):
         probe(model)

@@ -1,12 +1,12 @@
 """Diagnosis: each network's first cause, the opt-in activation rules, and what users see."""
 
 import json
-import pathlib
-import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import EXAMPLES
+from helpers.models import NegativeBiasNet, PlainReLU, ResidualReLU, SaturatedTanh, UnrolledTanhRNN, fresh
+from seed_networks import ReLUNet, SigmoidNet, SmallInitNet
 from torch import nn
 
 from pytest_gradcheck import Bounds, assess
@@ -15,65 +15,6 @@ from pytest_gradcheck.core.checks import check
 from pytest_gradcheck.core.diagnosis import diagnose
 from pytest_gradcheck.core.findings import CheckResult, failing
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
-sys.path.insert(0, str(EXAMPLES))
-from seed_networks import ReLUNet, SigmoidNet, SmallInitNet  # noqa: E402
-
-
-class PlainReLU(nn.Module):
-    """A plain 10-layer ReLU MLP with PyTorch's default init."""
-
-    def __init__(self, depth=10, width=64):
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = F.relu(layer(x))
-        return x
-
-
-class ResidualReLU(PlainReLU):
-    """The same layers with a skip connection around each one."""
-
-    def forward(self, x):
-        x = self.layers[0](x)
-        for layer in self.layers[1:]:
-            x = x + F.relu(layer(x))
-        return x
-
-
-class UnrolledTanhRNN(nn.Module):
-    """A tanh RNN unrolled from an encoded state: the first layer is reached only through every step."""
-
-    def __init__(self, steps=50, width=64):
-        super().__init__()
-        self.encode = nn.Linear(width, width)
-        self.rec = nn.Linear(width, width)
-        self.out = nn.Linear(width, 1)
-        self.steps = steps
-
-    def forward(self, x):
-        h = torch.tanh(self.encode(x))
-        for _ in range(self.steps):
-            h = torch.tanh(self.rec(h))
-        return self.out(h)
-
-
-class NegativeBiasNet(nn.Module):
-    """ReLU MLP whose second layer's bias was pushed far negative (as a bad update can do)."""
-
-    def __init__(self, bias=-1.0, dead_units=64):
-        super().__init__()
-        self.fc1, self.fc2, self.fc3, self.fc4 = (nn.Linear(64, 64) for _ in range(4))
-        with torch.no_grad():
-            self.fc2.bias[:dead_units] = bias
-
-    def forward(self, x):
-        for fc in (self.fc1, self.fc2, self.fc3):
-            x = F.relu(fc(x))
-        return self.fc4(x)
-
 
 def causes_of(model, rule="vanishing", **bounds):
     torch.manual_seed(0)
@@ -81,11 +22,6 @@ def causes_of(model, rule="vanishing", **bounds):
     (finding,) = [f for f in findings if f.rule == rule]
     assert finding.failing and finding.causes, finding.message
     return profile, finding.causes
-
-
-def fresh(cls, *args, **kwargs):
-    torch.manual_seed(0)
-    return cls(*args, **kwargs)
 
 
 def test_sigmoid_net_first_cause_is_saturating_sigmoids():
@@ -154,7 +90,7 @@ def test_healthy_relu_net_gets_no_cause():
 
 def test_residual_connections_clear_depth_even_when_forced():
     torch.manual_seed(0)
-    profile, findings = assess(fresh(ResidualReLU), bounds=Bounds(), diagnose=True)
+    profile, _ = assess(fresh(ResidualReLU), bounds=Bounds(), diagnose=True)
     assert profile.activations.shortest_chain == 1
     assert diagnose(profile, "vanishing") == []
 
@@ -210,18 +146,8 @@ def test_dead_relu_rule_fails_only_above_its_threshold():
 
 
 def test_saturation_rule_reads_inputs_at_5():
-    class Saturated(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 1)
-            with torch.no_grad():
-                self.fc1.weight.mul_(40.0)  # pre-activations far beyond |x| = 5
-
-        def forward(self, x):
-            return self.fc2(torch.tanh(self.fc1(x)))
-
     torch.manual_seed(0)
-    profile, findings = assess(Saturated(), bounds=Bounds(min_ratio=None, saturation=True))
+    _, findings = assess(SaturatedTanh(), bounds=Bounds(min_ratio=None, saturation=True))
     (finding,) = [f for f in findings if f.rule == "saturation"]
     assert finding.failing and finding.bound == 0.5 and finding.value > 0.5
     assert "after fc1 (torch.tanh)" in finding.message
@@ -298,10 +224,13 @@ def test_failure_messages_explain_the_cause_in_one_line(pytester):
     result.assert_outcomes(passed=1, failed=4)
     result.stdout.fnmatch_lines(
         [
-            "*cause: saturating activations: 3 sigmoid call(s) between fc1 and fc4 (after fc1, fc2, fc3) each pass at most 0.25*",
+            "*cause: saturating activations: 3 sigmoid call(s) between fc1 and fc4 (after fc1, fc2, fc3) "
+            "each pass at most 0.25*",
             "*fix: use ReLU or GELU between hidden layers*",
-            "*cause: initialisation: the weights of fc1, fc2, fc3, fc4 are about 12.5x below the Kaiming/Xavier reference*",
-            "*dead_relu: dead ReLUs: 1 activation site(s) have at least dead_relu 70%*75% after fc2 (nn.ReLU 'activation')*",
+            "*cause: initialisation: the weights of fc1, fc2, fc3, fc4 are about 12.5x below "
+            "the Kaiming/Xavier reference*",
+            "*dead_relu: dead ReLUs: 1 activation site(s) have at least dead_relu 70%"
+            "*75% after fc2 (nn.ReLU 'activation')*",
             "*dead_relu: dead ReLUs: 1 activation site(s) have at least dead_relu 60%*",
         ]
     )

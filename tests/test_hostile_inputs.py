@@ -7,27 +7,12 @@ import math
 
 import pytest
 import torch
-from model_state import assert_untouched, snapshot
+from helpers.models import SharedAcrossTimeSteps, UsesWeightTwice
+from helpers.state import probe_error, probe_untouched
 from torch import nn
 
-from pytest_gradcheck import Bounds, ProbeError, probe
+from pytest_gradcheck import Bounds, probe
 from pytest_gradcheck.core.checks import check
-
-
-def probe_error(model: nn.Module, inputs=None, **kwargs) -> str:
-    """The ProbeError message for ``model``, asserting the model survived the failed probe."""
-    before = snapshot(model)
-    with pytest.raises(ProbeError) as raised:
-        probe(model, inputs, **kwargs)
-    assert_untouched(model, before)
-    return str(raised.value)
-
-
-def probe_untouched(model: nn.Module, inputs=None, **kwargs):
-    before = snapshot(model)
-    profile = probe(model, inputs, **kwargs)
-    assert_untouched(model, before)
-    return profile
 
 
 def reference_grads(model: nn.Module, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -161,19 +146,6 @@ def test_model_without_trainable_parameters_is_refused(model):
     assert f"{type(model).__name__} has no trainable parameters" in message
 
 
-class UsesWeightTwice(nn.Module):
-    """fc.weight enters the graph through fc() and again directly, in one forward pass."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-        self.head = nn.Linear(4, 1)
-
-    def forward(self, x):
-        hidden = self.fc(x) + torch.tanh(x @ self.fc.weight.t())
-        return self.head(hidden)
-
-
 def test_parameter_reached_twice_reports_the_summed_gradient():
     torch.manual_seed(0)
     model, x = UsesWeightTwice(), torch.randn(8, 4)
@@ -184,23 +156,6 @@ def test_parameter_reached_twice_reports_the_summed_gradient():
     assert_layer_matches(profile, "fc", grads)
     assert_layer_matches(profile, "head", grads)
     assert sum(layer.numel for layer in profile.layers) == 4 * 4 + 4 + 4 + 1
-
-
-class SharedAcrossTimeSteps(nn.Module):
-    """One cell applied at every step, like an unrolled RNN."""
-
-    def __init__(self, steps: int = 12):
-        super().__init__()
-        self.steps = steps
-        self.encode = nn.Linear(4, 8)
-        self.cell = nn.Linear(8, 8)
-        self.head = nn.Linear(8, 1)
-
-    def forward(self, x):
-        hidden = self.encode(x)
-        for _ in range(self.steps):
-            hidden = torch.tanh(self.cell(hidden))
-        return self.head(hidden)
 
 
 def test_module_run_at_every_time_step_is_one_layer_with_the_accumulated_gradient():

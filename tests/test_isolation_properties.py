@@ -6,12 +6,15 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from helpers.state import assert_untouched, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from model_state import assert_untouched, snapshot
 from torch import nn
 
 from pytest_gradcheck import ProbeError, probe
+
+# Thirty models per property take seconds: out of the quick loop (pytest -m "not slow").
+pytestmark = pytest.mark.slow
 
 # Deterministic examples keep CI reproducible; 30 small models run in a few seconds.
 PROPERTY_SETTINGS = settings(

@@ -8,6 +8,8 @@ import struct
 import sys
 
 import pytest
+from helpers import SEED_NETWORKS
+from helpers.profiles import make_profile, rising
 
 pytest.importorskip("matplotlib")
 
@@ -15,7 +17,7 @@ from pytest_gradcheck.cli.command import EXIT_FAILING, EXIT_USAGE, main
 from pytest_gradcheck.core.bounds import Bounds
 from pytest_gradcheck.core.checks import check
 from pytest_gradcheck.core.files import safe_name
-from pytest_gradcheck.core.profile import GradientProfile, LayerStats
+from pytest_gradcheck.core.profile import GradientProfile
 from pytest_gradcheck.report.plot import (
     DPI,
     LABEL_LIMIT,
@@ -25,29 +27,7 @@ from pytest_gradcheck.report.plot import (
     short_label,
 )
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def make_profile(names: list[str], first_mean: float = 1e-4) -> GradientProfile:
-    """A profile whose mean |grad| rises geometrically from ``first_mean`` to 1e-1."""
-    count = len(names)
-    layers = []
-    for index, name in enumerate(names):
-        mean = first_mean * (1e-1 / first_mean) ** (index / max(1, count - 1))
-        layers.append(
-            LayerStats(
-                name,
-                "Linear",
-                4160,
-                mean,
-                grad_max_abs=mean * 10,
-                grad_norm=mean * 64,
-                weight_norm=4.6,
-                zero_fraction=0.0,
-            )  # fmt: skip
-        )
-    return GradientProfile(model="Net", layers=layers, loss=1.0)
 
 
 def png_size(path: pathlib.Path) -> tuple[int, int]:
@@ -63,14 +43,14 @@ def expected_pixels(profile: GradientProfile) -> tuple[int, int]:
 
 
 def test_png_has_the_figure_size(tmp_path):
-    profile = make_profile(["fc1", "fc2", "fc3", "fc4"])
+    profile = make_profile(*rising(4))
     path = plot_profile(profile, check(profile, Bounds()), Bounds(), tmp_path / "net.png")
     assert path == tmp_path / "net.png"
     assert png_size(path) == expected_pixels(profile)
 
 
 def test_svg_is_written_as_svg(tmp_path):
-    profile = make_profile(["fc1", "fc2"])
+    profile = make_profile(*rising(2))
     path = plot_profile(profile, [], Bounds(), tmp_path / "sub" / "net.svg")
     text = path.read_text()
     assert text.startswith("<?xml") and "<svg" in text
@@ -79,7 +59,7 @@ def test_svg_is_written_as_svg(tmp_path):
 
 
 def test_other_suffixes_are_refused(tmp_path):
-    profile = make_profile(["fc1", "fc2"])
+    profile = make_profile(*rising(2))
     with pytest.raises(ValueError, match=r"must end in \.png or \.svg, got '\.pdf'"):
         plot_profile(profile, [], Bounds(), tmp_path / "net.pdf")
     assert not (tmp_path / "net.pdf").exists()
@@ -87,8 +67,8 @@ def test_other_suffixes_are_refused(tmp_path):
 
 def test_many_long_layer_names_get_a_wider_taller_chart(tmp_path):
     names = [f"model.encoder.layers.{i}.self_attention.output_projection" for i in range(40)]
-    many = make_profile(names)
-    few = make_profile(["fc1", "fc2", "fc3", "fc4"])
+    many = make_profile(*rising(len(names)), names=names)
+    few = make_profile(*rising(4))
     many_size = png_size(plot_profile(many, [], Bounds(), tmp_path / "many.png"))
     few_size = png_size(plot_profile(few, [], Bounds(), tmp_path / "few.png"))
     assert many_size == expected_pixels(many)
@@ -96,13 +76,13 @@ def test_many_long_layer_names_get_a_wider_taller_chart(tmp_path):
 
 
 def test_hundreds_of_layers_stay_a_viewable_size(tmp_path):
-    profile = make_profile([f"blocks.{i}.fc" for i in range(300)])
+    profile = make_profile(*rising(300), names=[f"blocks.{i}.fc" for i in range(300)])
     width, height = png_size(plot_profile(profile, [], Bounds(), tmp_path / "deep.png"))
     assert width <= 2200 and height <= 1000
 
 
 def test_dead_nonfinite_and_unused_layers_still_plot(tmp_path):
-    profile = make_profile(["fc1", "fc2", "fc3", "fc4"])
+    profile = make_profile(*rising(4))
     profile.layers[1].grad_mean_abs = profile.layers[1].grad_max_abs = 0.0
     profile.layers[1].zero_fraction = 1.0
     profile.layers[1].all_zero = True
@@ -145,7 +125,7 @@ def test_plot_filename_is_filesystem_safe_and_follows_the_node_id():
 
 def test_cli_plot_writes_the_chart_and_keeps_the_exit_code(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))
-    target = f"{ROOT / 'examples' / 'seed_networks.py'}:SigmoidNet"
+    target = f"{SEED_NETWORKS}:SigmoidNet"
     code = main([target, "--input-shape", "1,64", "--plot", str(tmp_path / "sig.png")])
     _, err = capsys.readouterr()
     assert code == EXIT_FAILING
@@ -195,6 +175,7 @@ EXPECTED_PLOTS = {
 }
 
 
+@pytest.mark.slow  # an in-process pytest run that draws four charts: about 3 s
 def test_grad_plot_writes_one_file_per_probed_model(pytester):
     pytester.makepyfile(test_probed=PROBED_TESTS)
     result = pytester.runpytest("--grad-plot", "plots")
@@ -205,6 +186,7 @@ def test_grad_plot_writes_one_file_per_probed_model(pytester):
     result.stdout.fnmatch_lines(["gradcheck: wrote 4 gradient-flow plot(s) to *plots"])
 
 
+@pytest.mark.slow
 def test_grad_plot_under_xdist(pytester):
     # Two probed tests on two workers; the controller draws both from the reports it receives.
     tests = PROBED_TESTS.replace("    gradient_health(make())\n    gradient_health(make())\n", "")
@@ -227,9 +209,7 @@ def test_grad_plot_naming_a_file_is_a_usage_error(pytester):
 
 
 def test_a_profile_probed_without_detail_plots_its_means(tmp_path):
-    profile = make_profile(["fc1", "fc2", "fc3"])
-    for layer in profile.layers:
-        layer.grad_max_abs = layer.grad_norm = layer.weight_norm = layer.zero_fraction = None
+    profile = make_profile(*rising(3), detail=False)
     assert not profile.detailed
 
     path = plot_profile(profile, check(profile, Bounds()), Bounds(), tmp_path / "fast.png")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers.output import report_section
 
 # Two layers whose first/last mean |grad| ratio is exactly ``ratio``: with W1 = I and
 # W2 = ratio * I, dL/dW1 = ratio * dL/dW2 entry by entry for loss = sum(W2 W1 x).
@@ -94,16 +95,6 @@ grad_max_ratio = "5"
 def fixture_suite(pytester: pytest.Pytester) -> pytest.Pytester:
     pytester.makepyfile(models=MODELS, test_fixture=FIXTURE_TESTS)
     return pytester
-
-
-def report_section(output: str) -> str:
-    """The gradient report, up to the next section (with CI set, pytest's short summary
-    repeats whole failure messages, tables included)."""
-    marker = re.search(r"=+ gradient report =+", output)
-    assert marker, output
-    rest = output[marker.end() :]
-    following = re.search(r"^=+ .* =+$", rest, flags=re.MULTILINE)
-    return rest[: following.start()] if following else rest
 
 
 def test_fixture_passes_healthy_models_and_fails_unhealthy_ones(fixture_suite):
@@ -233,6 +224,7 @@ def test_nothing_extra_is_printed_without_grad_report(fixture_suite):
     assert not [line for line in output.splitlines() if line.startswith("gradcheck")]  # no header line
 
 
+@pytest.mark.slow
 def test_importing_the_plugin_does_not_import_torch():
     code = "import pytest_gradcheck.plugin, sys; assert 'torch' not in sys.modules, 'torch was imported'"
 
@@ -241,6 +233,7 @@ def test_importing_the_plugin_does_not_import_torch():
     assert completed.returncode == 0, completed.stderr
 
 
+@pytest.mark.slow
 def test_a_project_that_does_not_use_the_fixture_never_imports_torch(pytester: pytest.Pytester):
     pytester.makeconftest(
         """

@@ -124,7 +124,8 @@ def test_create_pass_drift_fail_update_pass_cycle(pytester: pytest.Pytester):
             "E       layer*kind*baseline*now*factor",
             "E       0 *Linear*e-0* *e+0* *x*<< out of tolerance",
             "E       first/last ratio *",
-            "E       If the change is intended, refresh the baseline: pytest --grad-baseline-update 'test_model.py::test_net'",
+            "E       If the change is intended, refresh the baseline: "
+            "pytest --grad-baseline-update 'test_model.py::test_net'",
             "test_model.py:*: GradientHealthError",
             "0 created, 0 updated, 0 compared, 1 failed",
         ]
@@ -292,6 +293,7 @@ def test_failing_or_uncollectable_modules_report_no_unused_files(pytester: pytes
     assert not stale_lines(broken)
 
 
+@pytest.mark.slow
 def test_xdist_workers_write_their_own_files_and_the_controller_finds_unused_ones(pytester: pytest.Pytester):
     pytest.importorskip("xdist")
     partial = SUBSET_MODULE + "\n\ndef test_deselected_by_k():\n    assert True\n"

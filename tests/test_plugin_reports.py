@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import re
 import xml.etree.ElementTree as ET
 
 import pytest
+from helpers.output import report_section
 
 MODELS = """
 import torch
@@ -78,13 +78,6 @@ def suite(pytester: pytest.Pytester) -> pytest.Pytester:
     return pytester
 
 
-def report_section(stdout: str) -> str:
-    """The terminal's gradient report: from its separator up to the next line the plugin or pytest adds."""
-    match = re.search(r"^=+ gradient report =+$\n(.*?)^(?:=|gradcheck:)", stdout, re.S | re.M)
-    assert match, stdout
-    return match.group(1)
-
-
 def junit_properties(path) -> dict[str, list[tuple[str, str]]]:
     cases = {}
     for case in ET.parse(path).getroot().iter("testcase"):
@@ -112,6 +105,7 @@ def test_json_and_markdown_files_hold_every_probe_in_collection_order(suite):
     result.stdout.fnmatch_lines(["gradcheck: wrote the JSON gradient report to *r.json"])
 
 
+@pytest.mark.slow
 def test_xdist_run_reports_exactly_what_a_serial_run_reports(suite):
     common = ["--grad-report", "--grad-report-json", "r.json", "--grad-report-md", "r.md", "--junitxml", "j.xml"]
     serial = suite.runpytest_subprocess("-n", "0", *common)

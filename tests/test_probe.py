@@ -6,54 +6,30 @@ import copy
 import dataclasses
 import gc
 import math
-import pathlib
-import sys
 from unittest import mock
 
 import pytest
 import torch
+from helpers.models import (
+    Branches,
+    Classifier,
+    Detached,
+    Everything,
+    Raises,
+    Recurrent,
+    RegisteredBackwards,
+    TiedEmbeddingHead,
+    TiedLM,
+    TwoInputs,
+    WideTiedLM,
+    WithPooler,
+    mlp,
+)
+from helpers.state import assert_untouched, snapshot
+from seed_networks import ReLUNet, SigmoidNet, SmallInitNet
 from torch import nn
 
 from pytest_gradcheck import GradientProfile, LayerStats, ProbeError, check, probe
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
-
-from seed_networks import ReLUNet, SigmoidNet, SmallInitNet
-
-
-def mlp(*widths: int, activation=nn.ReLU) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for width_in, width_out in zip(widths, widths[1:]):
-        layers += [nn.Linear(width_in, width_out), activation()]
-    return nn.Sequential(*layers[:-1])
-
-
-class RegisteredBackwards(nn.Module):
-    """Registers its layers in the reverse of the order forward() runs them."""
-
-    def __init__(self):
-        super().__init__()
-        self.third = nn.Linear(4, 2)
-        self.second = nn.Linear(6, 4)
-        self.first = nn.Linear(8, 6)
-
-    def forward(self, x):
-        return self.third(torch.relu(self.second(torch.relu(self.first(x)))))
-
-
-class TiedLM(nn.Module):
-    """A language model whose output head reuses the embedding matrix."""
-
-    def __init__(self, vocab: int = 50, width: int = 8):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, width)
-        self.mid = nn.Linear(width, width)
-        self.head = nn.Linear(width, vocab)
-        self.head.weight = self.emb.weight
-
-    def forward(self, ids):
-        return self.head(torch.tanh(self.mid(self.emb(ids))))
-
 
 # ---------------------------------------------------------------- order and sharing
 
@@ -99,16 +75,6 @@ def test_unwrap_strips_data_parallel():
 # ---------------------------------------------------------------- input forms
 
 
-class TwoInputs(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.left = nn.Linear(3, 4)
-        self.right = nn.Linear(5, 4)
-
-    def forward(self, x, y, scale=1.0):
-        return self.left(x) * self.right(y) * scale
-
-
 def test_dict_inputs_are_keyword_arguments():
     model = TwoInputs()
 
@@ -143,7 +109,7 @@ def test_callable_inputs_are_called_under_the_probe_seed():
 
 
 def test_inputs_of_an_unsupported_type_are_rejected():
-    with pytest.raises(ProbeError, match="inputs must be a tensor.*got int"):
+    with pytest.raises(ProbeError, match=r"inputs must be a tensor.*got int"):
         probe(mlp(4, 4), 3)
 
 
@@ -179,15 +145,6 @@ def test_inference_follows_the_model_dtype():
 
 
 def test_inference_error_names_the_module_that_stopped_it():
-    class Recurrent(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rnn = nn.GRU(4, 4)
-            self.out = nn.Linear(4, 1)
-
-        def forward(self, x):
-            return self.out(self.rnn(x)[0])
-
     with pytest.raises(ValueError, match=r"Recurrent.*GRU 'rnn'.*inputs=") as info:
         probe(Recurrent())
     assert isinstance(info.value, ProbeError)
@@ -320,24 +277,6 @@ def test_nonfinite_gradients_are_flagged():
 # ---------------------------------------------------------------- first and last picks
 
 
-class WithPooler(nn.Module):
-    """Norm and bias-only modules, and a pooler whose output the loss ignores."""
-
-    def __init__(self):
-        super().__init__()
-        self.shift = nn.Module()
-        self.shift.bias = nn.Parameter(torch.zeros(4))
-        self.norm_in = nn.LayerNorm(4)
-        self.fc1 = nn.Linear(4, 4)
-        self.fc2 = nn.Linear(4, 4)
-        self.norm_out = nn.LayerNorm(4)
-        self.pooler = nn.Linear(4, 4)
-
-    def forward(self, x):
-        hidden = self.norm_out(self.fc2(torch.relu(self.fc1(self.norm_in(x + self.shift.bias)))))
-        return {"hidden": hidden, "pooled": self.pooler(hidden.mean(0))}
-
-
 def test_picks_skip_norms_bias_only_and_layers_without_gradient():
     profile = probe(WithPooler(), torch.randn(3, 4), loss_fn=lambda out: out["hidden"].pow(2).sum())
 
@@ -360,39 +299,6 @@ def test_a_single_pickable_layer_gives_no_ratio():
 
 
 # ---------------------------------------------------------------- the loss
-
-
-@dataclasses.dataclass
-class Output:
-    logits: torch.Tensor
-    hidden: torch.Tensor
-    loss: torch.Tensor | None = None
-
-
-class Branches(nn.Module):
-    """Two branches; ``kind`` chooses the shape of what forward() returns."""
-
-    def __init__(self, kind: str):
-        super().__init__()
-        self.kind = kind
-        self.a = nn.Linear(4, 3)
-        self.b = nn.Linear(4, 3)
-
-    def forward(self, x):
-        a, b = self.a(x), self.b(x)
-        if self.kind == "tuple":
-            return a, (b, x.argmax(1))
-        if self.kind == "dict":
-            return {"a": a, "b": b, "count": torch.tensor(3)}
-        if self.kind == "dict-loss":
-            return {"a": a, "loss": b.pow(2).mean()}
-        if self.kind == "dataclass":
-            return Output(a, b)
-        if self.kind == "dataclass-loss":
-            return Output(a, b, loss=(a * b).mean())
-        if self.kind == "integers":
-            return (a + b).argmax(1)
-        raise AssertionError(self.kind)
 
 
 @pytest.mark.parametrize("kind", ["tuple", "dict", "dataclass"])
@@ -447,55 +353,6 @@ def test_output_without_a_floating_tensor_is_a_clear_error():
 # ---------------------------------------------------------------- no side effects
 
 
-class Everything(nn.Module):
-    """BatchNorm, dropout, a frozen layer and an eval-mode submodule in one model."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(6, 8)
-        self.bn = nn.BatchNorm1d(8)
-        self.drop = nn.Dropout(0.5)
-        self.frozen = nn.Linear(8, 8)
-        self.frozen.requires_grad_(False)
-        self.fc2 = nn.Linear(8, 3)
-
-    def forward(self, x, fail=False):
-        hidden = self.drop(self.bn(self.fc1(x)))
-        if fail:  # after BatchNorm has updated its stats and dropout has drawn random numbers
-            raise RuntimeError("late failure")
-        return self.fc2(self.frozen(hidden))
-
-
-def snapshot(model: nn.Module) -> dict:
-    return {
-        "state": {key: value.clone() for key, value in model.state_dict().items()},
-        "grads": {name: (p.grad, None if p.grad is None else p.grad.clone()) for name, p in model.named_parameters()},
-        "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
-        "training": {name: m.training for name, m in model.named_modules()},
-        "hooks": {
-            name: (dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks))
-            for name, m in model.named_modules()
-        },
-        "rng": torch.get_rng_state(),
-    }
-
-
-def assert_untouched(model: nn.Module, before: dict) -> None:
-    after = snapshot(model)
-    assert after["state"].keys() == before["state"].keys()
-    for key, value in before["state"].items():
-        assert torch.equal(after["state"][key], value), key
-    for name, (tensor, values) in before["grads"].items():
-        now = dict(model.named_parameters())[name].grad
-        assert now is tensor, name  # the very same tensor object, not a copy
-        if values is not None:
-            assert torch.equal(now, values), name
-    assert after["requires_grad"] == before["requires_grad"]
-    assert after["training"] == before["training"]
-    assert after["hooks"] == before["hooks"]
-    assert torch.equal(after["rng"], before["rng"])
-
-
 def prepared_model() -> Everything:
     torch.manual_seed(0)
     model = Everything()
@@ -534,7 +391,7 @@ def test_probe_leaves_everything_untouched_when_it_raises():
         probe(model, fitting, loss_fn=failing_loss)
     assert_untouched(model, before)
 
-    with pytest.raises(ProbeError, match="Everything.forward failed.*RuntimeError: late failure"):
+    with pytest.raises(ProbeError, match=r"Everything\.forward failed.*RuntimeError: late failure"):
         probe(model, (fitting, True))
     assert_untouched(model, before)
 
@@ -569,21 +426,6 @@ def test_same_model_and_seed_give_identical_profiles():
 # ---------------------------------------------------------------- host syncs
 
 
-class WideTiedLM(nn.Module):
-    """Large gradients (read in several chunks) and a tied embedding, next to small ones."""
-
-    def __init__(self, vocab: int = 1000, width: int = 300):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, width)
-        self.wide = nn.Linear(width, 4 * width)  # 360,000 weights: two chunks
-        self.narrow = nn.Linear(4 * width, width)
-        self.head = nn.Linear(width, vocab, bias=False)
-        self.head.weight = self.embed.weight
-
-    def forward(self, ids):
-        return self.head(self.narrow(torch.relu(self.wide(self.embed(ids)))))
-
-
 @pytest.mark.parametrize("detail", [False, True], ids=["fast", "detail"])
 @pytest.mark.parametrize("case", ["deep-mlp", "wide-tied"])
 def test_one_host_sync_per_probe(case, detail):
@@ -616,7 +458,7 @@ def test_one_host_sync_per_probe(case, detail):
 
 
 def test_not_a_module_is_rejected():
-    with pytest.raises(ProbeError, match="needs a torch.nn.Module, got function"):
+    with pytest.raises(ProbeError, match=r"needs a torch\.nn\.Module, got function"):
         probe(lambda x: x)
 
 
@@ -627,14 +469,6 @@ def test_model_without_trainable_parameters_is_rejected(model):
 
 
 def test_inputs_that_do_not_fit_name_the_model_and_the_shapes():
-    class Classifier(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(10, 2)
-
-        def forward(self, x, mask):
-            return self.fc(x) * mask
-
     with pytest.raises(ProbeError) as info:
         probe(Classifier(), (torch.randn(4, 7),), loss_fn=None)
     message = str(info.value)
@@ -647,14 +481,6 @@ def test_inputs_that_do_not_fit_name_the_model_and_the_shapes():
 
 
 def test_loss_without_trainable_inputs_is_a_clear_error():
-    class Detached(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(3, 3)
-
-        def forward(self, x):
-            return self.fc(x).detach()
-
     with pytest.raises(ProbeError, match="loss of Detached does not depend on any trainable parameter"):
         probe(Detached(), torch.randn(2, 3))
 
@@ -705,18 +531,8 @@ def test_cuda_model_matches_cpu_and_leaves_both_rngs_untouched():
 
 
 def test_a_tied_embedding_is_judged_on_the_rows_the_batch_looked_up():
-    class TiedLM(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Embedding(1000, 8)
-            self.head = nn.Linear(8, 1000, bias=False)
-            self.head.weight = self.embed.weight
-
-        def forward(self, ids):
-            return self.head(torch.tanh(self.embed(ids)))
-
     torch.manual_seed(0)
-    model = TiedLM()
+    model = TiedEmbeddingHead()
     ids = torch.randint(0, 1000, (2, 5))
     twin = copy.deepcopy(model).train()
     (grad,) = torch.autograd.grad(twin(ids).sum(), [twin.embed.weight])
@@ -786,14 +602,6 @@ def test_existing_grads_keep_their_objects_and_values_whichever_gradient_path_ru
 
 @pytest.mark.parametrize("collecting", [True, False], ids=["gc-on", "gc-off"])
 def test_the_cycle_collector_is_left_as_it_was_even_when_forward_raises(collecting):
-    class Raises(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(4, 4)
-
-        def forward(self, x):
-            raise RuntimeError("broken")
-
     was = gc.isenabled()
     try:
         gc.enable() if collecting else gc.disable()

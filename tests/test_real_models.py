@@ -6,27 +6,14 @@ import copy
 
 import pytest
 import torch
-from model_state import assert_untouched, snapshot, trainable_numel
+from helpers.models import VOCAB, SequenceClassifier, fresh, mlp, tiny_bert_config, tiny_gpt2, token_batch
+from helpers.state import probe_untouched, trainable_numel
 from torch import nn
 
 from pytest_gradcheck import Bounds, probe
 from pytest_gradcheck.core.checks import check
 
 transformers = pytest.importorskip("transformers")
-
-VOCAB = 1000
-
-
-def token_batch(batch: int = 2, length: int = 16) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(1))
-
-
-def probe_untouched(model: nn.Module, inputs=None, **kwargs):
-    """Probe ``model`` and assert that the probe left it exactly as it was."""
-    before = snapshot(model)
-    profile = probe(model, inputs, **kwargs)
-    assert_untouched(model, before)
-    return profile
 
 
 def assert_counted_once(profile, model: nn.Module) -> None:
@@ -36,37 +23,6 @@ def assert_counted_once(profile, model: nn.Module) -> None:
 
 
 # Hugging Face transformers, built offline from small configs (no downloads).
-
-
-def tiny_gpt2(n_layer: int = 2) -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_layer=n_layer,
-        n_embd=64,
-        n_head=2,
-        vocab_size=VOCAB,
-        n_positions=64,
-        bos_token_id=0,
-        eos_token_id=0,
-        # No dropout, so the probe's loss can be compared with a plain forward pass.
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return transformers.GPT2LMHeadModel(config)
-
-
-def tiny_bert_config() -> transformers.BertConfig:
-    return transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
 
 
 def test_gpt2_tied_embeddings_count_once_under_wte():
@@ -162,21 +118,8 @@ def test_transformer_encoder_layers_in_execution_order(norm_first, block):
     assert_counted_once(profile, model)
 
 
-class SequenceClassifier(nn.Module):
-    """Embedding, a two-layer recurrent net, and a head on the last time step."""
-
-    def __init__(self, rnn_type):
-        super().__init__()
-        self.embed = nn.Embedding(50, 16)
-        self.rnn = rnn_type(16, 32, num_layers=2, batch_first=True)
-        self.head = nn.Linear(32, 5)
-
-    def forward(self, ids):
-        hidden, _ = self.rnn(self.embed(ids))
-        return self.head(hidden[:, -1])
-
-
-@pytest.mark.parametrize("rnn_type", [nn.LSTM, nn.GRU], ids=["LSTM", "GRU"])
+# The LSTM's backward over 256 steps takes seconds on a CPU.
+@pytest.mark.parametrize("rnn_type", [pytest.param(nn.LSTM, marks=pytest.mark.slow), nn.GRU], ids=["LSTM", "GRU"])
 def test_recurrent_net_over_a_long_sequence(rnn_type):
     torch.manual_seed(0)
     model = SequenceClassifier(rnn_type)
@@ -224,8 +167,7 @@ def test_conv_net_with_batchnorm_keeps_running_statistics():
 
 
 def small_mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
+    return fresh(mlp, 16, 32, 32, 4, activation=nn.Tanh)
 
 
 # torch.compile's default backend imports inductor, which warns about torch.jit internals.

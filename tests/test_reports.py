@@ -6,11 +6,12 @@ import json
 import math
 
 import pytest
+from helpers.profiles import make_layer, make_profile
 
 from pytest_gradcheck.core.bounds import Bounds
 from pytest_gradcheck.core.checks import check
 from pytest_gradcheck.core.findings import CheckResult
-from pytest_gradcheck.core.profile import GradientProfile, LayerStats
+from pytest_gradcheck.core.profile import GradientProfile
 from pytest_gradcheck.report.format import finding_lines, junit_properties
 from pytest_gradcheck.report.json_report import SCHEMA_VERSION, render_json
 from pytest_gradcheck.report.markdown import render_markdown
@@ -25,23 +26,6 @@ from pytest_gradcheck.report.table import (
     shown_rows,
     table_headers,
 )
-
-
-def layer(name: str, mean: float, **fields) -> LayerStats:
-    values = dict(
-        name=name,
-        kind="Linear",
-        numel=4160,
-        grad_mean_abs=mean,
-        grad_max_abs=mean * 8,
-        grad_norm=mean * 64,
-        weight_norm=4.6,
-        zero_fraction=0.0,
-        finite=math.isfinite(mean),
-        all_zero=mean == 0.0,
-    )
-    values.update(fields)
-    return LayerStats(**values)
 
 
 def result_for(profile: GradientProfile, nodeid: str = "test_model.py::test_it", name=None) -> CheckResult:
@@ -64,12 +48,12 @@ def table_rows(text: str) -> list[list[str]]:
 @pytest.fixture
 def deep_profile() -> GradientProfile:
     """150 layers, a GPT-2-sized table, with its extremes and problems in the middle."""
-    layers = [layer(f"h.{i}.mlp", 1e-2 * (1.0 + 0.1 * math.sin(i))) for i in range(150)]
-    layers[33] = layer("h.33.mlp", 7.0)  # largest mean |grad|
-    layers[77] = layer("h.77.mlp", 3e-7)  # smallest non-zero mean |grad|
-    layers[100] = layer("h.100.mlp", 0.0, zero_fraction=1.0)  # dead: a finding names it
-    layers[120] = layer("h.120.mlp", float("nan"), grad_max_abs=float("nan"))  # non-finite
-    return GradientProfile(model="DeepNet", layers=layers, loss=1.0)
+    layers = [make_layer(f"h.{i}.mlp", 1e-2 * (1.0 + 0.1 * math.sin(i))) for i in range(150)]
+    layers[33] = make_layer("h.33.mlp", 7.0)  # largest mean |grad|
+    layers[77] = make_layer("h.77.mlp", 3e-7)  # smallest non-zero mean |grad|
+    layers[100] = make_layer("h.100.mlp", 0.0, zero_fraction=1.0)  # dead: a finding names it
+    layers[120] = make_layer("h.120.mlp", float("nan"), grad_max_abs=float("nan"))  # non-finite
+    return make_profile(*layers, model="DeepNet")
 
 
 def test_bar_grows_one_step_per_equal_factor_of_mean_grad():
@@ -81,7 +65,7 @@ def test_bar_grows_one_step_per_equal_factor_of_mean_grad():
 
 
 def test_bar_scale_spans_at_least_three_decades_so_a_healthy_profile_stays_full():
-    profile = GradientProfile("Healthy", [layer(f"fc{i}", 0.1 * (1 + i / 4)) for i in range(4)], loss=1.0)
+    profile = make_profile(*[make_layer(f"fc{i}", 0.1 * (1 + i / 4)) for i in range(4)], model="Healthy")
 
     low, high = bar_scale(profile)
     bars = [grad_bar(stats.grad_mean_abs, (low, high)) for stats in profile.layers]
@@ -101,7 +85,7 @@ def test_zero_missing_and_non_finite_gradients_draw_no_bar():
 
 
 def test_table_shows_the_bar_column_and_its_scale():
-    profile = GradientProfile("Vanishing", [layer("fc1", 1e-5), layer("fc2", 1e-2), layer("fc3", 1.0)], loss=1.0)
+    profile = make_profile(1e-5, 1e-2, 1.0, model="Vanishing")
 
     text = render_table(profile, [])
     rows = table_rows(text)
@@ -135,8 +119,8 @@ def test_truncation_fills_its_budget_from_both_ends_of_the_ranking(deep_profile)
 
 
 def test_findings_naming_more_layers_than_fit_still_respect_the_budget():
-    layers = [layer(f"dead{i}", 0.0, zero_fraction=1.0) for i in range(60)] + [layer("head", 1.0)]
-    profile = GradientProfile("MostlyDead", layers, loss=1.0)
+    layers = [make_layer(f"dead{i}", 0.0, zero_fraction=1.0) for i in range(60)] + [make_layer("head", 1.0)]
+    profile = make_profile(*layers, model="MostlyDead")
     result = result_for(profile)
 
     shown = shown_rows(profile, result.findings, max_rows=10)
@@ -179,8 +163,8 @@ def test_markdown_holds_every_layer_in_a_well_formed_table(deep_profile):
 
 
 def test_markdown_overview_lists_every_probed_model_in_the_given_order():
-    healthy = GradientProfile("Healthy", [layer("fc1", 0.1), layer("fc2", 0.2)], loss=1.0)
-    vanishing = GradientProfile("Vanishing", [layer("fc1", 1e-6), layer("fc2", 1.0)], loss=1.0)
+    healthy = make_profile(0.1, 0.2, model="Healthy")
+    vanishing = make_profile(1e-6, 1.0, model="Vanishing")
     results = [result_for(vanishing, "b.py::test_v"), result_for(healthy, "a.py::test_h", name="small")]
 
     text = render_markdown(results)
@@ -196,7 +180,7 @@ def test_markdown_for_a_run_that_probed_nothing_says_so():
 
 
 def test_json_document_carries_schema_version_and_every_result_in_full(deep_profile):
-    small = GradientProfile("Small", [layer("fc1", 0.1), layer("fc2", 0.3)], loss=0.5)
+    small = make_profile(0.1, 0.3, model="Small", loss=0.5)
     results = [result_for(small, "a.py::test_small"), result_for(deep_profile, "a.py::test_deep")]
 
     document = json.loads(render_json(results))
@@ -224,23 +208,15 @@ def test_json_is_strict_non_finite_numbers_become_strings(deep_profile):
 
 
 def test_junit_properties_name_the_ratio_and_the_verdict():
-    vanishing = GradientProfile("Vanishing", [layer("fc1", 1e-6), layer("fc2", 1.0)], loss=1.0)
-    single = GradientProfile("Single", [layer("fc1", 0.1)], loss=1.0)
+    vanishing = make_profile(1e-6, 1.0, model="Vanishing")
+    single = make_profile(0.1, model="Single")
 
     assert junit_properties(result_for(vanishing)) == [("grad_ratio", "1e-06"), ("grad_verdict", "vanishing")]
     assert junit_properties(result_for(single)) == [("grad_ratio", "n/a"), ("grad_verdict", "healthy")]
 
 
 def test_a_failure_message_states_each_failing_finding_once_and_keeps_the_notes():
-    profile = GradientProfile(
-        model="Net",
-        layers=[
-            layer("fc1", 1e-4),
-            layer("fc2", 1.0),
-            layer("spare", 0.0, received_grad=False, unused_parameters=["spare.w"]),
-        ],
-        loss=1.0,
-    )
+    profile = make_profile(1e-4, 1.0, make_layer("spare", 0.0, received_grad=False, unused_parameters=["spare.w"]))
     findings = check(profile, Bounds())
 
     message = render_failure(profile, findings)
@@ -250,15 +226,14 @@ def test_a_failure_message_states_each_failing_finding_once_and_keeps_the_notes(
 
 
 def test_a_profile_without_detail_has_no_detail_columns():
-    unmeasured = dict(grad_max_abs=None, grad_norm=None, weight_norm=None, zero_fraction=None)
-    fast = [layer(f"fc{i}", 10.0**-i, **unmeasured) for i in range(3)]
-    profile = GradientProfile("Net", fast, loss=1.0)
+    fast = [make_layer(f"fc{i}", 10.0**-i, detail=False) for i in range(3)]
+    profile = make_profile(*fast)
 
     headers = table_headers(profile)
     rows = layer_rows(profile, [])
 
     assert not set(DETAIL_HEADERS) & set(headers)
     assert all(len(row) == len(headers) for row in rows)
-    detailed = GradientProfile("Net", [layer(f"fc{i}", 10.0**-i) for i in range(3)], loss=1.0)
+    detailed = make_profile(*[make_layer(f"fc{i}", 10.0**-i) for i in range(3)])
     assert table_headers(detailed)[BAR_COLUMN + 1 : BAR_COLUMN + 5] == DETAIL_HEADERS
     assert "max |grad|" not in render_table(profile, [])
