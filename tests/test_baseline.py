@@ -91,8 +91,16 @@ def test_dump_is_byte_identical_for_values_that_differ_below_the_rounding():
         ('{"schema_version": 1, "layers": [', "not valid JSON"),
         ("[1, 2, 3]", "no schema_version"),
         ('{"schema_version": "one", "layers": []}', "not a positive integer"),
-        ('{"schema_version": 1, "model": "Net"}', "KeyError"),
-        ('{"schema_version": 1, "model": "Net", "loss": 1.0, "layers": [{"name": "fc1"}]}', "KeyError"),
+        ('{"schema_version": 1, "model": "Net"}', "the baseline has no 'layers'"),
+        (
+            '{"schema_version": 1, "model": "Net", "loss": 1.0, "seed": 0, "device": "cpu", "dtype": "float32", '
+            '"layers": [{"name": "fc1"}]}',
+            "layer 0 has no 'kind'",
+        ),
+        (
+            '{"schema_version": 1, "model": "Net", "layers": [], "loss": true}',
+            "'loss' of the baseline is true, not a number",
+        ),
     ],
 )
 def test_corrupt_files_raise_an_error_naming_the_file_and_the_problem(tmp_path, text, problem):

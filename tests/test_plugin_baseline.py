@@ -72,15 +72,19 @@ def baseline_file(pytester: pytest.Pytester, module: str, test: str) -> object:
     return pytester.path / "__gradcheck__" / module / test
 
 
+# A baseline of test_a's that no call makes any more: test_a once probed a model it called "retired".
+STALE = "test_a.retired.json"
+
+
 def stale_lines(result: pytest.RunResult) -> list[str]:
-    """The session-end lines about unused or deleted baseline files."""
-    return [line for line in result.outlines if "baseline file(s)" in line or "test_deleted.json" in line]
+    """The session-end lines about unused or unclaimed baseline files."""
+    return [line for line in result.outlines if "baseline file(s)" in line or STALE in line]
 
 
-def write_stale(pytester: pytest.Pytester, module: str) -> object:
-    """A baseline no test uses any more (its test was deleted), copied from a real one."""
+def write_stale(pytester: pytest.Pytester, module: str, name: str = STALE) -> object:
+    """A baseline no call of the module uses any more, copied from a real one."""
     folder = pytester.path / "__gradcheck__" / module
-    stale = folder / "test_deleted.json"
+    stale = folder / name
     stale.write_text(next(folder.glob("*.json")).read_text())
     return stale
 
@@ -246,7 +250,7 @@ def test_unused_files_are_listed_and_pruned_only_after_the_whole_module_ran(pyte
         [
             "0 created, 0 updated, 5 compared, 0 failed",
             "1 baseline file(s) unused (delete them with --grad-baseline-prune):",
-            "  __gradcheck__/test_subset/test_deleted.json",
+            f"  __gradcheck__/test_subset/{STALE}",
         ]
     )
 
@@ -267,14 +271,21 @@ def test_unused_files_are_listed_and_pruned_only_after_the_whole_module_ran(pyte
     for label, result in subsets.items():
         assert result.ret == 0, label
         assert stale_lines(result) == [], f"{label} run reported unused files"
-    assert (folder / "test_deleted.json").exists()
+    assert (folder / STALE).exists()
 
+    # A file no collected test owns may belong to a test of another machine: listed, never deleted.
+    write_stale(pytester, "test_subset", "test_deleted.json")
     pruned = pytester.runpytest("--grad-baseline-prune")
     pruned.assert_outcomes(passed=5)
     pruned.stdout.fnmatch_lines(
-        ["1 baseline file(s) deleted (--grad-baseline-prune):", "  __gradcheck__/test_subset/test_deleted.json"]
+        [
+            "1 baseline file(s) deleted (--grad-baseline-prune):",
+            f"  __gradcheck__/test_subset/{STALE}",
+            "1 baseline file(s) belong to no test collected in this run, and are kept*",
+            "  __gradcheck__/test_subset/test_deleted.json",
+        ]
     )
-    assert sorted(path.name for path in folder.iterdir()) == SUBSET_FILES
+    assert sorted(path.name for path in folder.iterdir()) == sorted([*SUBSET_FILES, "test_deleted.json"])
 
 
 def test_failing_or_uncollectable_modules_report_no_unused_files(pytester: pytest.Pytester):
@@ -301,7 +312,7 @@ def test_xdist_workers_write_their_own_files_and_the_controller_finds_unused_one
     for module in ("test_full", "test_partial"):
         folder = pytester.path / "__gradcheck__" / module
         folder.mkdir(parents=True)
-        (folder / "test_deleted.json").write_text('{"schema_version": 1}')
+        (folder / STALE).write_text('{"schema_version": 1}')
 
     result = pytester.runpytest_subprocess("-n", "2", "--grad-baseline-update", "-k", "not deselected_by_k")
     result.assert_outcomes(passed=10)
@@ -309,13 +320,13 @@ def test_xdist_workers_write_their_own_files_and_the_controller_finds_unused_one
         [
             "10 created, 0 updated, 0 compared, 0 failed",
             "1 baseline file(s) unused (delete them with --grad-baseline-prune):",
-            "  __gradcheck__/test_full/test_deleted.json",
+            f"  __gradcheck__/test_full/{STALE}",
         ]
     )
     assert stale_lines(result) == [
         "1 baseline file(s) unused (delete them with --grad-baseline-prune):",
-        "  __gradcheck__/test_full/test_deleted.json",
+        f"  __gradcheck__/test_full/{STALE}",
     ], "test_partial had a test deselected on the workers, so it must not be judged"
     for module in ("test_full", "test_partial"):
         names = sorted(path.name for path in (pytester.path / "__gradcheck__" / module).iterdir())
-        assert names == sorted(SUBSET_FILES + ["test_deleted.json"]), module
+        assert names == sorted([*SUBSET_FILES, STALE]), module

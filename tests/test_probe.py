@@ -145,9 +145,16 @@ def test_inference_follows_the_model_dtype():
 
 
 def test_inference_error_names_the_module_that_stopped_it():
-    with pytest.raises(ValueError, match=r"Recurrent.*GRU 'rnn'.*inputs=") as info:
-        probe(Recurrent())
+    model = nn.ModuleDict({"attention": nn.MultiheadAttention(4, 2)})
+    with pytest.raises(ValueError, match=r"ModuleDict.*MultiheadAttention 'attention'.*inputs=") as info:
+        probe(model)
     assert isinstance(info.value, ProbeError)
+
+
+def test_inputs_are_inferred_for_a_recurrent_first_module():
+    profile = probe(Recurrent())
+    assert profile.input_shapes == ["float32[16, 8, 4]"]  # (steps, batch, features): batch_first is False
+    assert [layer.name for layer in profile.layers] == ["rnn", "out"]
 
 
 # ---------------------------------------------------------------- statistics
@@ -396,13 +403,18 @@ def test_probe_leaves_everything_untouched_when_it_raises():
     assert_untouched(model, before)
 
 
-def test_probe_runs_in_training_mode():
+def test_probe_runs_layers_in_training_mode_and_random_regularisation_in_eval_mode():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 32), nn.Dropout(0.5), nn.Linear(32, 4)).eval()
-    profile = probe(model, torch.ones(1, 32), detail=True)
+    model = nn.Sequential(nn.Linear(32, 32), nn.BatchNorm1d(32), nn.Tanh(), nn.Dropout(0.5), nn.Linear(32, 4)).eval()
+    inputs = torch.randn(8, 32)
+    profile = probe(model, inputs, detail=True)
 
-    # With dropout active about half of the first layer's weight gradients are zero.
-    assert 0.2 < profile.layer("0").zero_fraction < 0.8
+    # Batch statistics (training mode), no dropout mask (eval mode): what a plain pass gives.
+    reference = copy.deepcopy(model).train()
+    reference[3].eval()
+    reference(inputs).sum().backward()
+    assert profile.layer("0").grad_mean_abs == pytest.approx(reference[0].weight.grad.abs().mean().item(), rel=1e-5)
+    assert profile.layer("0").zero_fraction < 0.05  # dropout would zero about half of them
     assert not model.training
 
 

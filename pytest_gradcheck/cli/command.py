@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -21,6 +24,7 @@ from pytest_gradcheck.core.bounds import BOUND_OPTIONS  # one table: a new bound
 from pytest_gradcheck.errors import CommandLineError
 
 EXIT_HEALTHY, EXIT_FAILING, EXIT_USAGE = 0, 1, 2
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a command that SIGPIPE ended
 FORMATS = ("table", "markdown", "json")
 INPUT_DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
 
@@ -40,7 +44,8 @@ of the model's nn.Embedding layers (2 when it has none); bool draws 0/1. Without
 --input-shape the inputs are inferred from the first layer, as the pytest fixture does.
 --seed seeds the weight initialisation, the inputs and the probe.
 
-exit status: 0 healthy, 1 a failing finding or a baseline regression, 2 a usage or load error.
+exit status: 0 healthy, 1 a failing finding or a baseline regression, 2 a usage, load or
+internal error (--traceback shows where an internal error came from).
 """
 
 
@@ -77,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         checks.add_argument(pytest_flag.replace("--grad-", "--"), dest=name, metavar="VALUE", help=text)
     output = parser.add_argument_group("output")
     output.add_argument("--format", choices=FORMATS, default="table", help="report format on stdout (default table)")
+    output.add_argument(
+        "--traceback", action="store_true", help="on an internal error, print the whole traceback, not one line"
+    )
     output.add_argument(
         "--plot", metavar="FILE", help="write a gradient-flow chart to FILE (.png or .svg; needs matplotlib)"
     )
@@ -126,6 +134,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandLineError as error:
         print(f"gradcheck: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader went away (`gradcheck ... | head -1`): end quietly, as a command killed by SIGPIPE does.
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except Exception as error:  # a bug: still one line, and never exit 1, which means "unhealthy"
+        if args.traceback:
+            traceback.print_exc()
+        else:
+            print(
+                f"gradcheck: internal error: {type(error).__name__}: {error} "
+                "(rerun with --traceback to see where, and please report it)",
+                file=sys.stderr,
+            )
+        return EXIT_USAGE
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit does not raise again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def run(args: argparse.Namespace) -> int:

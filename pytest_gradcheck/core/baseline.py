@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -30,6 +31,7 @@ _DETAIL_LAYER_FIELDS = ("grad_max_abs", "grad_norm", "weight_norm", "zero_fracti
 # -- where baselines live ----------------------------------------------------------
 
 BASELINE_DIR = "__gradcheck__"
+_MAX_STEM = 200
 
 
 def baseline_dir(test_module: str | os.PathLike[str]) -> Path:
@@ -44,11 +46,17 @@ def baseline_path(test_module: Path, nodeid: str, name: str | None = None) -> Pa
     ``tests/test_m.py::TestNet::test_fit[cpu-2]`` with ``name="encoder"`` gives
     ``tests/__gradcheck__/test_m/TestNet.test_fit[cpu-2].encoder.json``.
     """
-    test_part = ".".join(nodeid.split("::")[1:]) or Path(test_module).stem
-    stem = safe_name(test_part)
+    return baseline_dir(test_module) / f"{baseline_stem(nodeid, name, Path(test_module).stem)}.json"
+
+
+def baseline_stem(nodeid: str, name: str | None = None, module_stem: str = "") -> str:
+    """The file name of a test's baseline, without ``.json``; long ones are cut and get a hash, so they stay unique."""
+    stem = safe_name(".".join(nodeid.split("::")[1:]) or module_stem)
     if name:
         stem += "." + safe_name(str(name))
-    return baseline_dir(test_module) / f"{stem}.json"
+    if len(stem) > _MAX_STEM:  # each part fits, both may not: most filesystems take 255 bytes
+        stem = f"{stem[: _MAX_STEM - 9]}-{hashlib.sha1(stem.encode('utf-8')).hexdigest()[:8]}"
+    return stem
 
 
 # -- the file format ---------------------------------------------------------------
@@ -72,6 +80,8 @@ def loads_baseline(text: str, source: str = "<string>") -> GradientProfile:
         data = json.loads(text)
     except ValueError as error:
         raise BaselineFileError(source, f"is corrupt: not valid JSON ({error})") from None
+    except RecursionError:
+        raise BaselineFileError(source, "is corrupt: not a gradient baseline (nested too deeply to read)") from None
     if not isinstance(data, dict) or "schema_version" not in data:
         raise BaselineFileError(source, "is corrupt: not a gradient baseline (no schema_version)")
     version = data["schema_version"]
@@ -84,20 +94,74 @@ def loads_baseline(text: str, source: str = "<string>") -> GradientProfile:
             "upgrade pytest-gradcheck",
             hint=False,
         )
-    try:
-        return _profile_from(data)
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise BaselineFileError(source, f"is corrupt: {type(error).__name__}: {error}") from None
+    problem = _schema_problem(data)
+    if problem:
+        raise BaselineFileError(source, f"is corrupt: {problem}")
+    return _profile_from(data)
+
+
+# The fields of a baseline and of each of its layers, with the JSON types they must have.
+_NUMBER, _OPTIONAL_NUMBER, _STRINGS = "number", "number or null", "list of strings"
+_TOP_FIELDS = {"model": str, "layers": list, "loss": _NUMBER, "seed": int, "device": str, "dtype": str}
+_TOP_OPTIONAL = {"input_shapes": _STRINGS}
+_LAYER_FIELDS = {
+    "name": str, "kind": str, "numel": int, "grad_mean_abs": _NUMBER, "finite": bool, "executed": bool,
+    "received_grad": bool, "has_matrix": bool, "is_norm": bool, "shared_with": _STRINGS, "unused_parameters": _STRINGS,
+}  # fmt: skip
+_LAYER_OPTIONAL = {"all_zero": bool, **dict.fromkeys(_DETAIL_LAYER_FIELDS, _OPTIONAL_NUMBER)}
+# How strict JSON (and this package's files) spell the floats JSON has no literal for.
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _schema_problem(data: dict[str, Any]) -> str | None:
+    """What is wrong with a baseline's fields, or None: each field must have its own JSON type."""
+    problem = _fields_problem(data, _TOP_FIELDS, _TOP_OPTIONAL, "the baseline")
+    if problem:
+        return problem
+    for index, layer in enumerate(data["layers"]):
+        if not isinstance(layer, dict):
+            return f"layer {index} is a {type(layer).__name__}, not an object"
+        problem = _fields_problem(layer, _LAYER_FIELDS, _LAYER_OPTIONAL, f"layer {index}")
+        if problem:
+            return problem
+    return None
+
+
+def _fields_problem(data: dict[str, Any], required: dict[str, Any], optional: dict[str, Any], where: str) -> str | None:
+    for key, kind in [*required.items(), *optional.items()]:
+        if key not in data:
+            if key in required:
+                return f"{where} has no {key!r}"
+            continue
+        if not _is(data[key], kind):
+            return f"{key!r} of {where} is {json.dumps(data[key])[:40]}, not a {getattr(kind, '__name__', kind)}"
+    return None
+
+
+def _is(value: Any, kind: Any) -> bool:
+    if kind is _OPTIONAL_NUMBER:
+        return value is None or _is(value, _NUMBER)
+    if kind is _NUMBER:
+        return value in _NON_FINITE or (isinstance(value, (int, float)) and not isinstance(value, bool))
+    if kind is _STRINGS:
+        return isinstance(value, list) and all(isinstance(item, str) for item in value)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
 def _profile_from(data: dict[str, Any]) -> GradientProfile:
     for layer in data["layers"]:
-        layer["grad_mean_abs"] = float(layer["grad_mean_abs"])
+        layer["grad_mean_abs"] = _number(layer["grad_mean_abs"])
         for key in _DETAIL_LAYER_FIELDS:  # files written before they were left out
             if layer.get(key) is not None:
-                layer[key] = float(layer[key])
-    data["loss"] = float(data["loss"])
+                layer[key] = _number(layer[key])
+    data["loss"] = _number(data["loss"])
     return GradientProfile.from_dict(data)
+
+
+def _number(value: Any) -> float:
+    return _NON_FINITE[value] if isinstance(value, str) else float(value)
 
 
 def load_baseline(path: str | os.PathLike) -> GradientProfile:
@@ -113,7 +177,13 @@ def load_baseline(path: str | os.PathLike) -> GradientProfile:
 
 def save_baseline(path: str | os.PathLike, profile: GradientProfile) -> None:
     """Write ``profile`` as the baseline at ``path`` atomically: readers see the old file or the new one."""
-    write_atomically(Path(path), dumps_baseline(profile))
+    path = Path(path)
+    try:
+        write_atomically(path, dumps_baseline(profile))
+    except OSError as error:
+        raise BaselineFileError(
+            str(path), f"cannot be written in {path.parent}: {error.strerror or error}", hint=False
+        ) from None
 
 
 # -- the comparison ----------------------------------------------------------------

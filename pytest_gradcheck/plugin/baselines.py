@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_gradcheck.core.baseline import baseline_dir, parse_tolerance
+from pytest_gradcheck.core.baseline import baseline_dir, baseline_stem, parse_tolerance
 from pytest_gradcheck.errors import BaselineFileError, GradientHealthError, SettingError
 from pytest_gradcheck.plugin import transport
 from pytest_gradcheck.plugin.options import Settings
@@ -65,7 +66,7 @@ def check_baseline(
     if not path.exists():
         raise GradientHealthError(
             f"no gradient baseline for {profile.model} in {node.nodeid}: {shown(config, path)} does not exist. "
-            f"Create it with: pytest --grad-baseline-update '{node.nodeid}' (then commit the file)",
+            f"Create it with: {_rerun(node.nodeid)} (then commit the file)",
             profile,
         )
     try:
@@ -76,9 +77,16 @@ def check_baseline(
     if not comparison.passed:
         from pytest_gradcheck.report.baseline_text import render_baseline_failure
 
-        rerun = f"pytest --grad-baseline-update '{node.nodeid}'"
-        raise GradientHealthError(render_baseline_failure(comparison, shown(config, path), rerun), profile)
+        raise GradientHealthError(
+            render_baseline_failure(comparison, shown(config, path), _rerun(node.nodeid)), profile
+        )
     event["action"] = "compared"
+
+
+def _rerun(nodeid: str) -> str:
+    """The command that refreshes one test's baseline, quoted for a POSIX shell."""
+    quoted = shlex.quote(nodeid)
+    return f"pytest --grad-baseline-update {quoted if quoted != nodeid else repr(nodeid)}"
 
 
 class BaselineSession:
@@ -103,6 +111,7 @@ class BaselineSession:
         self.modules: dict[str, dict[str, Any]] = {}
         self.passed: dict[str, set[str]] = {}
         self.unused: list[Path] = []
+        self.unclaimed: list[Path] = []
 
     # -- collection side --------------------------------------------------------
 
@@ -168,10 +177,18 @@ class BaselineSession:
         if hasattr(self.config, "workerinput"):
             return  # a worker saw only its share of the tests; the controller decides
         for module, info in sorted(self.modules.items()):
-            if not info["complete"] or len(self.passed.get(module, ())) < info["selected"]:
+            passed = self.passed.get(module, set())
+            if not info["complete"] or len(passed) < info["selected"]:
                 continue
-            files = sorted(baseline_dir(Path(module)).glob("*.json"))
-            self.unused += [path for path in files if str(path) not in self.used]
+            owners = {baseline_stem(nodeid, module_stem=Path(module).stem) for nodeid in passed}
+            for path in sorted(baseline_dir(Path(module)).glob("*.json")):
+                if str(path) in self.used:
+                    continue
+                # Unused only if a test that ran here owns it: a file of a test this environment did not
+                # collect (a [cuda] case on a CPU machine, a test behind a skipif) is never touched.
+                stem = path.name.removesuffix(".json")
+                owned = stem in owners or any(stem.startswith(owner + ".") for owner in owners)
+                (self.unused if owned else self.unclaimed).append(path)
         if self.settings.prune_baselines:
             for path in self.unused:
                 path.unlink(missing_ok=True)
@@ -180,11 +197,12 @@ class BaselineSession:
                         folder.rmdir()
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if not (self.counts or self.unused):
+        if not (self.counts or self.unused or self.unclaimed):
             return
         from pytest_gradcheck.report.baseline_text import render_baseline_summary
 
         terminalreporter.write_sep("-", "gradient baselines")
         unused = [shown(self.config, path) for path in self.unused]
-        for line in render_baseline_summary(dict(self.counts), unused, self.settings.prune_baselines):
+        unclaimed = [shown(self.config, path) for path in self.unclaimed]
+        for line in render_baseline_summary(dict(self.counts), unused, self.settings.prune_baselines, unclaimed):
             terminalreporter.write_line(line)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -47,17 +47,20 @@ _RNN_CELLS = {"rnn_tanh_cell": "tanh"}
 _NORM_FUNCTIONS = {"layer_norm", "batch_norm", "group_norm", "instance_norm", "rms_norm", "local_response_norm"}
 
 
-def measure(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ActivationProfile:
+def measure(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], count_hooks: Callable[[int], None]
+) -> ActivationProfile:
     """Run one instrumented forward pass of ``model(*args, **kwargs)`` and return plain data.
 
     The caller (``ModelRun``) sets the pass up as the probe's: the same inputs, seed, train
-    mode and grad mode, so dropout masks match the probe the numbers explain.
+    mode and grad mode, so dropout masks match the probe the numbers explain. ``count_hooks``
+    is told how many hooks the pass registers (and removes again).
     """
     __tracebackhide__ = True
     tracker = _Tracker()
     for tensor in model_io.tensors_in((args, kwargs), max_depth=4):
         tracker.depths.tag(tensor, 0, 0)
-    with tracker.hooks(model), tracker:
+    with tracker.hooks(model, count_hooks), tracker:
         output = call_model(model, args, kwargs)
     chain = tracker.depths.chain(output)
     del output
@@ -224,7 +227,7 @@ class _Tracker(TorchFunctionMode):
             self.busy = False
 
     @contextlib.contextmanager
-    def hooks(self, model: nn.Module) -> Iterator[None]:
+    def hooks(self, model: nn.Module, count_hooks: Callable[[int], None]) -> Iterator[None]:
         handles = []
         try:
             for name, module in model.named_modules():
@@ -238,6 +241,7 @@ class _Tracker(TorchFunctionMode):
                     label = f"nn.{type(module).__name__} {name!r}"
                     handles.append(module.register_forward_pre_hook(self._activation_started))
                     handles.append(module.register_forward_hook(self._activation_done(function, label)))
+            count_hooks(len(handles))
             yield
         finally:
             for handle in handles:

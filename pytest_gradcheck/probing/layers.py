@@ -69,13 +69,19 @@ class ExecutionRecord:
         self.embedding_rows: dict[int, torch.Tensor] = {}
         # Tied embeddings whose sum of |g| was taken over the looked-up rows.
         self.tied_rows_measured: set[int] = set()
+        # Modules never called whose parameters others used: the execution index they were used after.
+        self.used_after: dict[int, float] = {}
+        self.hooks_registered = 0
         self._by_name: dict[str, nn.Module] | None = None
 
     def position(self, layer: Layer) -> tuple[float, int, int]:
-        """Sort key: own execution index, else just after the nearest executed ancestor."""
+        """Sort key: its execution index, else where its parameters were used, else after its nearest run ancestor."""
         own = self.order.get(id(layer.module))
         if own is not None:
             return (own, 0, layer.registration)
+        used = self.used_after.get(id(layer.module))
+        if used is not None:
+            return (used, 1, layer.registration)
         if self._by_name is None:
             self._by_name = dict(self.named_modules)
         parts = layer.name.split(".") if layer.name else []
@@ -98,9 +104,10 @@ def record_execution(
         if id(module) not in order:
             order[id(module)] = len(order)
 
-    def note_lookup(module: nn.Module, args: Any) -> None:
-        if args and isinstance(args[0], torch.Tensor):
-            record.lookups.setdefault(id(module), []).append(args[0])
+    def note_lookup(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        ids = args[0] if args else kwargs.get("input")  # emb(ids) or emb(input=ids)
+        if isinstance(ids, torch.Tensor):
+            record.lookups.setdefault(id(module), []).append(ids)
 
     # Containers are hooked too, so a module whose parameters its parent uses
     # directly (MultiheadAttention.out_proj) is placed right after that parent.
@@ -111,7 +118,8 @@ def record_execution(
     # 3 to 4 ms on a 1,000-layer model, an entry in each module's hook dict a tenth of
     # that. The shared id is unique to this probe, and every entry is taken out again.
     handle = model.register_forward_pre_hook(note)
-    handles = [module.register_forward_pre_hook(note_lookup) for module in embeddings]
+    handles = [module.register_forward_pre_hook(note_lookup, with_kwargs=True) for module in embeddings]
+    record.hooks_registered = 1 + len(handles)
     shared = [module for module in hooked if module is not model]
     try:
         for module in shared:
@@ -153,6 +161,27 @@ def assign_owners(candidates: list[Layer], record: ExecutionRecord) -> list[Laye
         if kept:
             layers.append(layer)
     return layers
+
+
+def place_by_use(layers: list[Layer], record: ExecutionRecord, arrivals: list[int]) -> None:
+    """Place the layers that were never called where their parameters were used, from gradient arrival.
+
+    Gradients arrive in reverse order of use: a layer whose gradient arrived just after
+    an uncalled layer's was used just before it. ``arrivals`` holds indices into ``layers``.
+    """
+    rank = {index: position for position, index in enumerate(arrivals)}
+    for index, layer in enumerate(layers):
+        if id(layer.module) in record.order or index not in rank:
+            continue
+        used_before = [
+            other for other in rank
+            if rank[other] > rank[index] and id(layers[other].module) in record.order
+        ]  # fmt: skip
+        if used_before:
+            latest = min(used_before, key=lambda other: rank[other])
+            record.used_after[id(layer.module)] = record.order[id(layers[latest].module)]
+        else:
+            record.used_after[id(layer.module)] = -1
 
 
 def tied_embedding_weights(layers: list[Layer], record: ExecutionRecord) -> dict[int, int]:

@@ -8,12 +8,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from pytest_gradcheck.errors import ProbeError
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_SPATIAL_SIZE = 32
 DEFAULT_SEQUENCE_LENGTH = 16
+_PARAMETRIZATIONS = "parametrizations"
 
 _HOW_TO_PASS = (
     "pass inputs= explicitly, e.g. gradient_health(model, inputs=torch.randn(8, 3, 224, 224)) "
@@ -24,12 +26,21 @@ _HOW_TO_PASS = (
 def infer_inputs(model: nn.Module, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
     """Random inputs shaped for the first parameterised module (registration order)."""
     for name, module in model.named_modules():
+        if _PARAMETRIZATIONS in name.split("."):  # the insides of weight_norm, spectral_norm, ...
+            continue
         # Frozen or not: a frozen first layer (a fine-tuned backbone) still takes the input.
-        if next(module.parameters(recurse=False), None) is None:
+        param = next(module.parameters(recurse=False), None)
+        if param is None and parametrize.is_parametrized(module):
+            param = next(module.parameters(), None)
+        if param is None:
             continue
         label = f"{type(module).__name__} {name!r}" if name else type(module).__name__
-        param = next(module.parameters(recurse=False))
         float_dtype = param.dtype if param.dtype.is_floating_point else torch.float32
+        if isinstance(module, nn.RNNBase):
+            steps = (
+                (batch_size, DEFAULT_SEQUENCE_LENGTH) if module.batch_first else (DEFAULT_SEQUENCE_LENGTH, batch_size)
+            )
+            return torch.randn(*steps, module.input_size, device=param.device, dtype=float_dtype)
         if isinstance(module, nn.Linear):
             return torch.randn(batch_size, module.in_features, device=param.device, dtype=float_dtype)
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -41,7 +52,7 @@ def infer_inputs(model: nn.Module, batch_size: int = DEFAULT_BATCH_SIZE) -> torc
             return torch.randint(0, module.num_embeddings, shape, device=param.device)
         raise ProbeError(
             f"cannot infer inputs for {type(model).__name__}: its first parameterised module, "
-            f"{label}, is not a Linear, Conv1d/2d/3d or Embedding; {_HOW_TO_PASS}"
+            f"{label}, is not a Linear, Conv1d/2d/3d, Embedding, RNN, LSTM or GRU; {_HOW_TO_PASS}"
         )
     raise ProbeError(f"cannot infer inputs for {type(model).__name__}: it has no parameters; {_HOW_TO_PASS}")
 
@@ -63,6 +74,27 @@ def as_call_arguments(inputs: Any) -> tuple[tuple, dict]:
         f"inputs must be a tensor, a tuple or list of positional arguments, a dict of keyword "
         f"arguments, or a zero-argument callable returning one of these; got {type(inputs).__name__}"
     )
+
+
+def fresh_copies(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The call arguments with every tensor in them copied: a forward that edits its inputs in place
+    edits the probe's copies, never the caller's, and each pass sees the same numbers."""
+    return _copied(args), {key: _copied(value) for key, value in kwargs.items()}
+
+
+def _copied(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, torch.Tensor):
+        copy = value.detach().clone()
+        return copy.requires_grad_() if value.requires_grad and copy.is_floating_point() else copy
+    if depth > 4:
+        return value
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_copied(item, depth + 1) for item in value)
+    if isinstance(value, list):
+        return [_copied(item, depth + 1) for item in value]
+    if type(value) is dict:
+        return {key: _copied(item, depth + 1) for key, item in value.items()}
+    return value
 
 
 def describe(args: tuple, kwargs: dict) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -14,14 +15,22 @@ from pytest_gradcheck.core.profile import ActivationProfile, GradientProfile
 from pytest_gradcheck.errors import ProbeError
 from pytest_gradcheck.probing import activations, model_io, sharded
 from pytest_gradcheck.probing.layers import (
+    ExecutionRecord,
     Layer,
     assign_owners,
     parameter_owners,
+    place_by_use,
     record_execution,
     tied_embedding_weights,
 )
-from pytest_gradcheck.probing.sandbox import Sandbox, call_model, paused_cycle_collector, unwrap
-from pytest_gradcheck.probing.statistics import gradient_statistics, gradients, layer_stats
+from pytest_gradcheck.probing.sandbox import Sandbox, call_model, paused_cycle_collector, refuse_unprobeable, unwrap
+from pytest_gradcheck.probing.statistics import (
+    ParamStats,
+    gradient_statistics,
+    gradients,
+    gradients_by_backward,
+    layer_stats,
+)
 
 LossFn = Callable[[Any], torch.Tensor]
 
@@ -37,12 +46,16 @@ def probe(
     gradients and one of the weights, which the report table, the plots and the
     ``max_grad`` bound need.
 
-    The model is left exactly as it was: parameters, buffers, ``.grad`` tensors,
-    ``requires_grad`` flags, train/eval modes, hooks and the global RNG state.
+    The model is handed back exactly as it was (see :class:`Sandbox`), and the caller's
+    inputs are never written to: the model runs on copies of them.
     """
     __tracebackhide__ = True
     with ModelRun(model, inputs, seed=seed) as run:
         return run.gradient_profile(loss_fn=loss_fn, detail=detail)
+
+
+class _ReentrantCheckpoint(Exception):
+    """The graph holds a reentrant torch.utils.checkpoint, which only a plain backward() can take."""
 
 
 class ModelRun:
@@ -50,7 +63,7 @@ class ModelRun:
 
     ``gradient_profile`` runs the forward and backward pass the profile comes from;
     ``activation_profile`` runs the instrumented forward pass behind the diagnosis,
-    on the same inputs, from the same RNG state and buffers.
+    on the same inputs, from the same RNG state and model state.
     """
 
     def __init__(self, model: nn.Module, inputs: Any = None, *, seed: int = 0) -> None:
@@ -59,13 +72,16 @@ class ModelRun:
                 f"probe() needs a torch.nn.Module, got {type(model).__name__}; "
                 "pass the model instance, e.g. gradient_health(MyModel())"
             )
+        self.seed = _checked_seed(seed)
         self.model = unwrap(model)
         self.model_name = type(self.model).__name__
-        self.seed = seed
         self.inputs = inputs
         self.named_modules = list(self.model.named_modules())
+        self.fully_sharded = sharded.is_fully_sharded(self.model)  # refuses FSDP1
+        refuse_unprobeable(self.model, self.named_modules)
         self.args: tuple[Any, ...] = ()
         self.kwargs: dict[str, Any] = {}
+        self.candidates: list[Layer] = []
         self._stack = contextlib.ExitStack()
         self._sandbox: Sandbox | None = None
 
@@ -73,7 +89,10 @@ class ModelRun:
         __tracebackhide__ = True
         with self._stack as stack:
             stack.enter_context(paused_cycle_collector())
-            self._sandbox = stack.enter_context(Sandbox(self.model, [m for _, m in self.named_modules], self.seed))
+            modules = [module for _, module in self.named_modules]
+            # FSDP2 swaps its parameters' storage itself while it runs; it keeps them, not the probe.
+            sandbox = Sandbox(self.model, modules, self.seed, watch_parameters=not self.fully_sharded)
+            self._sandbox = stack.enter_context(sandbox)
             stack.enter_context(torch.enable_grad())
             # Collected in train mode: a model's own train() may freeze or unfreeze parameters.
             self.candidates = self._trainable_layers()
@@ -86,7 +105,7 @@ class ModelRun:
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        self._stack.close()
+        self._stack.__exit__(kind, error, trace)
 
     def _trainable_layers(self) -> list[Layer]:
         candidates = parameter_owners(self.named_modules)
@@ -105,13 +124,35 @@ class ModelRun:
             )
         return candidates
 
+    def _forward(self) -> Any:
+        """The model called on fresh copies of the inputs, its parameters watched."""
+        __tracebackhide__ = True
+        assert self._sandbox is not None, "a pass runs inside `with ModelRun(...)`"
+        args, kwargs = model_io.fresh_copies(self.args, self.kwargs)
+        with self._sandbox.watching():
+            return call_model(self.model, args, kwargs)
+
     def gradient_profile(self, *, loss_fn: LossFn | None = None, detail: bool = False) -> GradientProfile:
         """One forward and backward pass; per-layer gradient statistics in execution order."""
         __tracebackhide__ = True
-        model = self.model
-        fully_sharded = sharded.is_fully_sharded(model)
-        with record_execution(model, self.named_modules, self.candidates) as record:
-            output = call_model(model, self.args, self.kwargs)
+        if loss_fn is not None and not callable(loss_fn):
+            raise ProbeError(
+                f"loss_fn must be a callable that takes the output of {self.model_name} and returns a scalar "
+                f"tensor, got {type(loss_fn).__name__}"
+            )
+        try:
+            return self._gradient_pass(loss_fn, detail, plain_backward=False)
+        except _ReentrantCheckpoint:
+            assert self._sandbox is not None
+            self._sandbox.rewind()
+            return self._gradient_pass(loss_fn, detail, plain_backward=True)
+
+    def _gradient_pass(self, loss_fn: LossFn | None, detail: bool, plain_backward: bool) -> GradientProfile:
+        __tracebackhide__ = True
+        assert self._sandbox is not None
+        with record_execution(self.model, self.named_modules, self.candidates) as record:
+            self._sandbox.own_hooks(record.hooks_registered)
+            output = self._forward()
         loss = model_io.loss_of(output, loss_fn, self.model_name)
         layers = assign_owners(self.candidates, record)
         params = [param for layer in layers for _, param in layer.params]
@@ -120,14 +161,16 @@ class ModelRun:
                 f"the loss of {self.model_name} does not depend on any trainable parameter; "
                 "check that forward() uses the parameters and that no torch.no_grad() hides them"
             )
-        if fully_sharded:  # every rank must probe: FSDP2 all-gathers and reduce-scatters
-            detail = True  # its all-reduced rows hold every statistic anyway
-            grads = sharded.gradients(loss, params)
+        if self.fully_sharded:  # every rank must probe: FSDP2 all-gathers and reduce-scatters
+            grads = gradients_by_backward(loss, params)
             per_param, rows, loss_value = sharded.statistics(params, grads, record.embedding_rows, loss)
+            detail = True  # its all-reduced rows hold every statistic anyway
         else:
-            grads = gradients(loss, params)
+            grads = self._gradients(loss, params, layers, record, plain_backward)
             tied = tied_embedding_weights(layers, record)
             per_param, rows, loss_value = gradient_statistics(params, grads, tied, record, loss, detail)
+        if record.used_after:
+            layers, per_param = _in_order_of_use(layers, per_param, record)
         return GradientProfile(
             model=self.model_name,
             layers=layer_stats(layers, per_param, rows, record, detail),
@@ -138,9 +181,75 @@ class ModelRun:
             input_shapes=model_io.describe(self.args, self.kwargs),
         )
 
+    def _gradients(
+        self,
+        loss: torch.Tensor,
+        params: list[nn.Parameter],
+        layers: list[Layer],
+        record: ExecutionRecord,
+        plain_backward: bool,
+    ) -> list[torch.Tensor | None]:
+        """The parameters' gradients; where some layer was never called, the order they arrive in too."""
+        arrivals: list[int] = []
+        handles = []
+        # A layer whose parameters another module uses (F.linear(h, self.head.weight)) was never
+        # called; gradients arrive in reverse order of use, which places it where it was used.
+        if any(id(layer.module) not in record.order for layer in layers):
+            for index, layer in enumerate(layers):
+                hook = _arrival(arrivals, index)
+                handles.append(layer.params[0][1].register_hook(hook))
+            assert self._sandbox is not None
+            self._sandbox.own_hooks(len(handles))
+        try:
+            if plain_backward:
+                return gradients_by_backward(loss, params)
+            try:
+                return gradients(loss, params)
+            except RuntimeError as error:
+                if "use_reentrant=True" not in str(error):
+                    raise
+                raise _ReentrantCheckpoint from None
+        finally:
+            for handle in handles:
+                handle.remove()
+            if arrivals:
+                place_by_use(layers, record, list(dict.fromkeys(arrivals)))
+
     def activation_profile(self) -> ActivationProfile:
-        """The instrumented forward pass, from the buffers and RNG state the gradient pass started with."""
+        """The instrumented forward pass, from the model state and RNG state the gradient pass started with."""
         __tracebackhide__ = True
         assert self._sandbox is not None, "activation_profile() runs inside `with ModelRun(...)`"
         self._sandbox.rewind()
-        return activations.measure(self.model, self.args, self.kwargs)
+        args, kwargs = model_io.fresh_copies(self.args, self.kwargs)
+        with self._sandbox.watching():
+            return activations.measure(self.model, args, kwargs, self._sandbox.own_hooks)
+
+
+def _arrival(arrivals: list[int], index: int) -> Callable[[torch.Tensor], None]:
+    def hook(grad: torch.Tensor) -> None:
+        arrivals.append(index)
+
+    return hook
+
+
+def _in_order_of_use(
+    layers: list[Layer], per_param: list[ParamStats], record: ExecutionRecord
+) -> tuple[list[Layer], list[ParamStats]]:
+    """``layers`` sorted by where they ran or were used, with their parameters' statistics along."""
+    chunks, start = [], 0
+    for layer in layers:
+        chunks.append(per_param[start : start + len(layer.params)])
+        start += len(layer.params)
+    order = sorted(range(len(layers)), key=lambda index: record.position(layers[index]))
+    return [layers[index] for index in order], [stat for index in order for stat in chunks[index]]
+
+
+def _checked_seed(seed: Any) -> int:
+    """``seed`` as an int torch, Python and numpy all accept, or a ProbeError that says what is wrong."""
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        value = None
+    if value is None or isinstance(seed, bool) or not 0 <= value < 2**64:
+        raise ProbeError(f"seed must be a whole number from 0 to 2**64 - 1, got {seed!r} ({type(seed).__name__})")
+    return value

@@ -34,24 +34,6 @@ def is_fully_sharded(model: nn.Module) -> bool:
     return bool(sharded_types) and any(isinstance(module, sharded_types) for module in model.modules())
 
 
-def gradients(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor | None]:
-    """The reduce-scattered gradient shards of ``params``; their ``.grad`` is restored afterwards.
-
-    FSDP2 reduce-scatters in its post-backward hooks, which ``torch.autograd.grad`` never
-    triggers, so ``backward()`` runs into emptied ``.grad`` slots and the original
-    ``.grad`` objects are put back.
-    """
-    saved = [param.grad for param in params]
-    try:
-        for param in params:
-            param.grad = None
-        loss.backward()
-        return [param.grad for param in params]
-    finally:
-        for param, grad in zip(params, saved):
-            param.grad = grad
-
-
 def statistics(
     params: list[nn.Parameter],
     grads: list[torch.Tensor | None],

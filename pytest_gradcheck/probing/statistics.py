@@ -66,6 +66,23 @@ def gradients(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tens
     return list(torch.autograd.grad(loss, params, allow_unused=True))
 
 
+def gradients_by_backward(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor | None]:
+    """The gradients a plain ``loss.backward()`` leaves in ``params``' ``.grad``, which is put back after.
+
+    For graphs that ``torch.autograd.grad`` cannot take: FSDP2 reduce-scatters in its
+    post-backward hooks, and a reentrant ``torch.utils.checkpoint`` runs its own backward.
+    """
+    saved = [param.grad for param in params]
+    try:
+        for param in params:
+            param.grad = None
+        loss.backward()
+        return [param.grad for param in params]
+    finally:
+        for param, grad in zip(params, saved):
+            param.grad = grad
+
+
 def gradient_statistics(
     params: list[nn.Parameter],
     grads: list[torch.Tensor | None],
@@ -93,7 +110,9 @@ def gradient_statistics(
         if grad.is_sparse:  # its values are the looked-up rows: they carry every statistic
             grad = dense[index] = grad.coalesce().values()
         if 0 < grad.numel() <= _SMALL_TENSOR and index not in tied:
-            key = (grad.device, grad.shape, grad.dtype, params[index].dtype if detail else None)
+            # With detail the weights are stacked too: a sparse gradient's rows need not match its table's.
+            weight = (params[index].shape, params[index].dtype) if detail else None
+            key = (grad.device, grad.shape, grad.dtype, weight)
             same_shape.setdefault(key, []).append(index)
         else:
             single.setdefault(grad.device, []).append(index)
@@ -131,7 +150,8 @@ def _present(grad: torch.Tensor | None) -> torch.Tensor:
 
 def _stacked_rows(grads: list[torch.Tensor], weights: list[torch.Tensor] | None) -> torch.Tensor:
     """Each gradient's L1 norm, or with ``weights`` (detail) its row of five statistics."""
-    magnitude = torch.stack(grads).reshape(len(grads), -1).abs_()  # a copy the probe owns
+    stacked = torch.stack(grads).reshape(len(grads), -1)  # a copy the probe owns
+    magnitude = stacked.abs() if stacked.is_complex() else stacked.abs_()
     accumulator = accumulator_dtype(magnitude)
     l1 = magnitude.sum(1, dtype=accumulator)
     if weights is None:
@@ -142,7 +162,7 @@ def _stacked_rows(grads: list[torch.Tensor], weights: list[torch.Tensor] | None)
         torch.linalg.vector_norm(magnitude, 2, dim=1, dtype=accumulator),
         magnitude.amax(1),
         torch.count_nonzero(magnitude, dim=1),
-        torch.linalg.vector_norm(stacked_weights, 2, dim=1, dtype=accumulator_dtype(stacked_weights)),
+        torch.linalg.vector_norm(stacked_weights, 2, dim=1, dtype=_norm_dtype(stacked_weights)),
     ]
     return torch.stack([column.double() for column in columns], dim=1)
 
@@ -168,7 +188,7 @@ def _single_row(
         if not detail:
             return [l1]
     assert l2 is not None and linf is not None and nonzero is not None
-    return [l1, l2, linf, nonzero, torch.linalg.vector_norm(weight, 2, dtype=accumulator_dtype(weight))]
+    return [l1, l2, linf, nonzero, torch.linalg.vector_norm(weight, 2, dtype=_norm_dtype(weight))]
 
 
 def _magnitude_statistics(
@@ -184,7 +204,7 @@ def _magnitude_statistics(
         l1 = torch.linalg.vector_norm(grad, 1, dtype=accumulator)
         if not detail:
             return l1, None, None, None
-        low, high = torch.aminmax(grad)
+        low, high = torch.aminmax(grad.abs() if grad.is_complex() else grad)
         return (
             l1,
             torch.linalg.vector_norm(grad, 2, dtype=accumulator),
@@ -192,9 +212,10 @@ def _magnitude_statistics(
             torch.count_nonzero(grad),
         )
     flat = grad.view(-1)
-    key = (grad.dtype, grad.device)
+    real = flat.real.dtype if flat.is_complex() else flat.dtype  # |g| of a complex gradient is real
+    key = (real, grad.device)
     if key not in buffers or buffers[key].numel() < min(flat.numel(), _CHUNK):
-        buffers[key] = torch.empty(min(flat.numel(), _CHUNK), dtype=grad.dtype, device=grad.device)
+        buffers[key] = torch.empty(min(flat.numel(), _CHUNK), dtype=real, device=grad.device)
     buffer = buffers[key]
     sums, norms, maxima, counts = [], [], [], []
     for start in range(0, flat.numel(), _CHUNK):
@@ -235,8 +256,15 @@ def _looked_up_rows(
 
 
 def accumulator_dtype(tensor: torch.Tensor) -> torch.dtype:
-    """float32 for half precision and float32; float64 stays (norms may not narrow)."""
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    """float32 for half precision and float32; float64 stays (norms may not narrow); complex by its parts."""
+    return torch.float64 if tensor.dtype in (torch.float64, torch.complex128) else torch.float32
+
+
+def _norm_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype vector_norm accumulates ``tensor`` in: a complex one for complex tensors, as it requires."""
+    if tensor.is_complex():
+        return torch.complex128 if tensor.dtype == torch.complex128 else torch.complex64
+    return accumulator_dtype(tensor)
 
 
 def float32_norms(tensors: list[torch.Tensor], order: float) -> list[torch.Tensor]:
@@ -312,7 +340,7 @@ def layer_stats(
                 numel,
                 _mean(matrix_l1, matrix_size) if has_matrix else _mean(other_l1, other_size),  # grad_mean_abs
                 finite,
-                all_zero and received,  # all_zero
+                all_zero and received and numel > 0,  # all_zero: a layer of zero elements has no values
                 id(module) in record.order,  # executed
                 received,  # received_grad
                 has_matrix,

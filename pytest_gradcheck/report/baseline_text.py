@@ -85,12 +85,20 @@ def render_baseline_failure(comparison: BaselineComparison, path: str, rerun: st
     return render_baseline_check(comparison, headline, f"If the change is intended, refresh the baseline: {rerun}")
 
 
-def render_baseline_summary(counts: dict[str, int], unused: list[str], pruned: bool) -> list[str]:
-    """Session-end lines: baselines created, updated, compared and failed, then unused files."""
+def render_baseline_summary(
+    counts: dict[str, int], unused: list[str], pruned: bool, unclaimed: list[str] | None = None
+) -> list[str]:
+    """Session-end lines: baselines created, updated, compared and failed, then unused and unclaimed files."""
     actions = ("created", "updated", "compared", "failed")
     lines = [", ".join(f"{counts.get(action, 0)} {action}" for action in actions)]
     if unused:
         what = "deleted (--grad-baseline-prune)" if pruned else "unused (delete them with --grad-baseline-prune)"
         lines.append(f"{len(unused)} baseline file(s) {what}:")
         lines += [f"  {path}" for path in unused]
+    if unclaimed:
+        lines.append(
+            f"{len(unclaimed)} baseline file(s) belong to no test collected in this run, and are kept "
+            "(a test of another machine, or of a test since renamed: delete those by hand):"
+        )
+        lines += [f"  {path}" for path in unclaimed]
     return lines

@@ -304,7 +304,7 @@ class Classifier(nn.Module):
 
 
 class Recurrent(nn.Module):
-    """A GRU before a head: no default inputs can be inferred from a recurrent first module."""
+    """A GRU before a head: the inputs are inferred from the recurrent first module."""
 
     def __init__(self):
         super().__init__()
