@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers.models import SharedAcrossTimeSteps, UsesWeightTwice
+from helpers.models import SharedAcrossTimeSteps, UsesWeightTwice, default_loss
 from helpers.state import probe_error, probe_untouched
 from torch import nn
 
@@ -16,9 +16,9 @@ from pytest_gradcheck.core.checks import check
 
 
 def reference_grads(model: nn.Module, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Plain autograd on a copy, with the probe's default loss (the sum of the output)."""
+    """Plain autograd on a copy, with the probe's default loss."""
     twin = copy.deepcopy(model).train()
-    twin(inputs).float().sum().backward()
+    default_loss(twin(inputs)).backward()
     return {name: param.grad for name, param in twin.named_parameters()}
 
 
@@ -269,7 +269,7 @@ def test_gradients_that_share_memory_with_a_users_tensor_are_only_read(make, det
     model, x = make(captured), torch.randn(8, 128)
     twin = copy.deepcopy(model)
     twin.captured = reference = []
-    twin(x).sum().backward()
+    default_loss(twin(x)).backward()
 
     profile = probe_untouched(model, x, detail=detail)
 

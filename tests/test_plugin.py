@@ -10,7 +10,7 @@ import pytest
 from helpers.output import report_section
 
 # Two layers whose first/last mean |grad| ratio is exactly ``ratio``: with W1 = I and
-# W2 = ratio * I, dL/dW1 = ratio * dL/dW2 entry by entry for loss = sum(W2 W1 x).
+# W2 = ratio * I, dL/dW1 = W2^T dL/dy x^T = ratio * dL/dW2 entry by entry, whatever the loss.
 MODELS = """
 import torch
 from torch import nn
@@ -48,7 +48,8 @@ def test_exploding_is_an_assertion_error(gradient_health):
     with pytest.raises(AssertionError) as info:
         gradient_health(Scaled(1000.0))
     assert isinstance(info.value, GradientHealthError)
-    assert [finding.rule for finding in info.value.findings] == ["exploding"]
+    # The output is 1000 times the input, so the forward signal blows up with the ratio.
+    assert [finding.rule for finding in info.value.findings] == ["exploding", "exploding_signal"]
     assert info.value.profile.ratio == pytest.approx(1000.0, rel=1e-5)
 
 
@@ -199,7 +200,7 @@ def test_grad_report_prints_one_table_per_probed_model(fixture_suite):
         "test_fixture.py::test_vanishing",
         "Scaled: first/last ratio 0.001 (fc1 / fc2), verdict: vanishing",
         "test_fixture.py::test_exploding_is_an_assertion_error",
-        "Scaled: first/last ratio 1e+03 (fc1 / fc2), verdict: exploding",
+        "Scaled: first/last ratio 1e+03 (fc1 / fc2), verdict: exploding+exploding_signal",
         "test_fixture.py::test_two_models [encoder]",
         "Scaled: first/last ratio 0.5 (fc1 / fc2), verdict: healthy",
         "test_fixture.py::test_two_models [decoder]",

@@ -11,6 +11,7 @@ from unittest import mock
 import pytest
 import torch
 from helpers.models import (
+    default_loss,
     Branches,
     Classifier,
     Detached,
@@ -163,7 +164,7 @@ def test_inputs_are_inferred_for_a_recurrent_first_module():
 def hand_statistics(model: nn.Module, inputs: torch.Tensor) -> dict[str, dict[str, float]]:
     """The profile numbers of every Linear, computed the plain way with .backward()."""
     model = copy.deepcopy(model).train()
-    model(inputs).sum().backward()
+    default_loss(model(inputs)).backward()
     numbers = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
@@ -194,7 +195,7 @@ def test_numbers_match_a_hand_computation():
             assert getattr(layer, field) == pytest.approx(value, rel=1e-5, abs=1e-12), (layer.name, field)
     assert any(layer.zero_fraction > 0 for layer in profile.layers)
     assert profile.detailed
-    assert profile.loss == pytest.approx(model(inputs).sum().item(), rel=1e-6)
+    assert profile.loss == pytest.approx(default_loss(model(inputs)).item(), rel=1e-6)
     assert profile.ratio == pytest.approx(expected["0"]["grad_mean_abs"] / expected["4"]["grad_mean_abs"], rel=1e-5)
 
 
@@ -240,7 +241,7 @@ def test_embedding_mean_counts_only_the_rows_the_batch_used():
     profile = probe(model, ids, detail=True)
 
     reference = copy.deepcopy(model)
-    reference(ids).sum().backward()
+    default_loss(reference(ids)).backward()
     grad = reference[0].weight.grad
     rows = ids.unique().numel()
     emb = profile.layer("0")
@@ -275,9 +276,10 @@ def test_nonfinite_gradients_are_flagged():
 
     profile = probe(model, torch.randn(2, 4))
 
-    # relu(NaN) is NaN, so the NaN reaches the next layer's weight gradient.
+    # relu(NaN) is NaN, so the NaN reaches the next layer's weight gradient; a layer without
+    # a finite gradient is the nonfinite rule's, and no ratio is formed with it.
     assert not profile.layer("2").finite
-    assert math.isnan(profile.ratio)
+    assert profile.ratio is None
     assert [f.layers for f in check(profile) if f.rule == "nonfinite"] == [["2"]]
 
 
@@ -309,14 +311,34 @@ def test_a_single_pickable_layer_gives_no_ratio():
 
 
 @pytest.mark.parametrize("kind", ["tuple", "dict", "dataclass"])
-def test_loss_sums_every_floating_tensor_of_the_output(kind):
+def test_default_loss_projects_every_floating_tensor_of_the_output(kind):
     torch.manual_seed(0)
     model, inputs = Branches(kind), torch.randn(5, 4)
 
-    profile = probe(model, inputs)
+    profile = probe(model, inputs, seed=3)
 
-    assert profile.loss == pytest.approx((model.a(inputs).sum() + model.b(inputs).sum()).item(), rel=1e-5)
+    # One N(0, 1) direction per output tensor, drawn in turn under the probe's seed.
+    generator = torch.Generator().manual_seed(3)
+    a, b = model.a(inputs), model.b(inputs)
+    directions = [torch.randn(a.shape, generator=generator), torch.randn(b.shape, generator=generator)]
+    expected = (a * directions[0]).sum() + (b * directions[1]).sum()
+    assert profile.loss_kind == "random"
+    assert profile.loss == pytest.approx(expected.item(), rel=1e-5)
     assert all(layer.received_grad for layer in profile.layers)
+
+
+def test_the_sum_of_a_normalised_output_is_a_constant_but_its_random_projection_is_not():
+    # The batch sum of a batch-normalised output does not depend on anything before it, so
+    # with the sum as the loss the head would get no gradient; a random direction does.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4), nn.BatchNorm1d(4))
+    inputs = torch.randn(16, 8)
+
+    by_sum = probe(model, inputs, loss_fn=lambda output: output.sum())
+    by_default = probe(model, inputs)
+
+    assert by_sum.layer("0").grad_mean_abs < 1e-6 * by_default.layer("0").grad_mean_abs
+    assert 0.1 < by_default.ratio < 10
 
 
 @pytest.mark.parametrize(
@@ -412,7 +434,7 @@ def test_probe_runs_layers_in_training_mode_and_random_regularisation_in_eval_mo
     # Batch statistics (training mode), no dropout mask (eval mode): what a plain pass gives.
     reference = copy.deepcopy(model).train()
     reference[3].eval()
-    reference(inputs).sum().backward()
+    default_loss(reference(inputs)).backward()
     assert profile.layer("0").grad_mean_abs == pytest.approx(reference[0].weight.grad.abs().mean().item(), rel=1e-5)
     assert profile.layer("0").zero_fraction < 0.05  # dropout would zero about half of them
     assert not model.training
@@ -547,7 +569,7 @@ def test_a_tied_embedding_is_judged_on_the_rows_the_batch_looked_up():
     model = TiedEmbeddingHead()
     ids = torch.randint(0, 1000, (2, 5))
     twin = copy.deepcopy(model).train()
-    (grad,) = torch.autograd.grad(twin(ids).sum(), [twin.embed.weight])
+    (grad,) = torch.autograd.grad(default_loss(twin(ids)), [twin.embed.weight])
     used = grad[torch.unique(ids)]
 
     stats = probe(model, ids, detail=True).layer("embed")
@@ -632,6 +654,7 @@ def test_layer_stats_fields_keep_the_order_the_probe_fills_them_in():
         "name", "kind", "numel", "grad_mean_abs", "finite", "all_zero", "executed", "received_grad",
         "has_matrix", "is_norm", "shared_with", "unused_parameters",
         "grad_max_abs", "grad_norm", "weight_norm", "zero_fraction",
+        "role", "input_std", "scale_invariance", "normalised", "zero_init",
     ]  # fmt: skip
 
 
@@ -659,7 +682,7 @@ def test_a_gradient_read_in_several_chunks_gives_the_numbers_of_the_whole():
     torch.manual_seed(0)
     model, ids = WideTiedLM(), torch.randint(0, 1000, (2, 8))
     twin = copy.deepcopy(model).train()
-    twin(ids).sum().backward()
+    default_loss(twin(ids)).backward()
     weight, bias = twin.wide.weight.grad, twin.wide.bias.grad
 
     wide = probe(model, ids, detail=True).layer("wide")

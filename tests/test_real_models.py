@@ -37,7 +37,9 @@ def test_gpt2_tied_embeddings_count_once_under_wte():
     assert [layer.name for layer in profile.layers] == expected + ["transformer.ln_f"]
     assert profile.layer("transformer.wte").shared_with == ["lm_head"]
     assert_counted_once(profile, model)
-    assert (profile.first.name, profile.last.name) == ("transformer.wte", "transformer.h.1.mlp.c_proj")
+    # The embedding table is a lookup, never the ratio's first layer; the tied head counts under it.
+    assert (profile.first.name, profile.last.name) == ("transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj")
+    assert profile.layer("transformer.wte").role == "lookup"
     assert all(layer.received_grad and layer.finite for layer in profile.layers)
     assert profile.input_shapes == ["input_ids=int64[2, 16]", "attention_mask=int64[2, 16]", "labels=int64[2, 16]"]
 
@@ -63,7 +65,7 @@ def test_bert_masked_lm_ties_the_decoder_to_word_embeddings():
     assert "cls.predictions.decoder" not in [layer.name for layer in profile.layers]
     assert_counted_once(profile, model)
     assert (profile.first.name, profile.last.name) == (
-        "bert.embeddings.word_embeddings",
+        "bert.encoder.layer.0.attention.self.query",
         "cls.predictions.transform.dense",
     )
     with torch.no_grad():
@@ -80,7 +82,7 @@ def test_bert_pooler_outside_the_loss_is_reported_unused():
     assert pooler.unused_parameters == ["pooler.dense.weight", "pooler.dense.bias"]
     assert [layer.name for layer in profile.layers if not layer.received_grad] == ["pooler.dense"]
     assert (profile.first.name, profile.last.name) == (
-        "embeddings.word_embeddings",
+        "encoder.layer.0.attention.self.query",
         "encoder.layer.1.output.dense",
     )
     assert_counted_once(profile, model)
@@ -133,7 +135,7 @@ def test_recurrent_net_over_a_long_sequence(rnn_type):
     ]
     # One layer for the whole stack: the module owns weight_ih_l0 ... bias_hh_l1.
     assert profile.layer("rnn").numel == sum(p.numel() for p in model.rnn.parameters())
-    assert (profile.first.name, profile.last.name) == ("embed", "head")
+    assert (profile.first.name, profile.last.name) == ("rnn", "head")  # the embedding is a lookup
     assert all(layer.finite and layer.grad_mean_abs > 0 for layer in profile.layers)
     assert profile.ratio is not None and 0 < profile.ratio < float("inf")
     assert_counted_once(profile, model)

@@ -13,6 +13,16 @@ from pytest_gradcheck.errors import SettingError
 # Measured by benchmarks/measure_bounds.py; the table is in the docs ("Default bounds").
 DEFAULT_MIN_RATIO = 0.02
 DEFAULT_MAX_RATIO = 50.0
+# The forward signal: the std of a layer's input over the first layer's, anywhere in the
+# network (benchmarks/zoo.py measures the zoo and the untrainable networks; docs, "Rules").
+DEFAULT_MIN_SIGNAL = 1e-5
+DEFAULT_MAX_SIGNAL = 10.0
+# The initial cross-entropy of a classifier over the chance level ln(classes).
+DEFAULT_MAX_INITIAL_LOSS = 10.0
+# Through time: the gradient at the earliest step over the latest's. A contribution below
+# 2**-24 of the largest one is lost when float32 sums them into the weight's gradient.
+DEFAULT_MIN_TIME_RATIO = 2.0**-24
+DEFAULT_MAX_TIME_RATIO = 2.0**24
 
 _OFF_WORDS = {"off", "none", "no", "false", ""}
 
@@ -34,6 +44,11 @@ class Bounds:
     fail_on_unused: bool = False
     dead_relu: float | None = None
     saturation: float | None = None
+    min_signal: float | None = DEFAULT_MIN_SIGNAL
+    max_signal: float | None = DEFAULT_MAX_SIGNAL
+    max_initial_loss: float | None = DEFAULT_MAX_INITIAL_LOSS
+    min_time_ratio: float | None = DEFAULT_MIN_TIME_RATIO
+    max_time_ratio: float | None = DEFAULT_MAX_TIME_RATIO
 
     def __post_init__(self) -> None:
         # Bounds(dead_relu=True) from Python means "on at the published default", as in ini.
@@ -144,12 +159,18 @@ def resolve(*layers: Mapping[str, Any]) -> Bounds:
 
 
 def _validate(bounds: Bounds) -> None:
-    low, high = bounds.min_ratio, bounds.max_ratio
-    if low is not None and high is not None and low > high:
-        raise SettingError(
-            "min_ratio",
-            f"min_ratio={low} is above max_ratio={high}; no model could pass. Lower min_ratio or raise max_ratio.",
-        )
+    for low_name, high_name in (
+        ("min_ratio", "max_ratio"),
+        ("min_signal", "max_signal"),
+        ("min_time_ratio", "max_time_ratio"),
+    ):
+        low, high = getattr(bounds, low_name), getattr(bounds, high_name)
+        if low is not None and high is not None and low > high:
+            raise SettingError(
+                low_name,
+                f"{low_name}={low} is above {high_name}={high}; no model could pass. "
+                f"Lower {low_name} or raise {high_name}.",
+            )
 
 
 # The pytest option (--grad-*, ini grad_*) of each bound, with its help: (bound, flag, help).
@@ -164,5 +185,26 @@ BOUND_OPTIONS = (
         "saturation",
         "--grad-saturation",
         "fail when this share of sigmoid/tanh inputs has |x| >= 5 ('on' = 0.5, default: off)",
+    ),
+    ("min_signal", "--grad-min-signal", "fail when a layer's input std falls below this times the first's (or 'off')"),
+    (
+        "max_signal",
+        "--grad-max-signal",
+        "fail when a layer's input or the output std rises above this times the first's",
+    ),
+    (
+        "max_initial_loss",
+        "--grad-max-initial-loss",
+        "fail when a classifier's initial cross-entropy exceeds this times ln(classes) (or 'off')",
+    ),
+    (
+        "min_time_ratio",
+        "--grad-min-time-ratio",
+        "fail when the earliest step's gradient falls below this times the latest's",
+    ),
+    (
+        "max_time_ratio",
+        "--grad-max-time-ratio",
+        "fail when the earliest step's gradient rises above this times the latest's",
     ),
 )

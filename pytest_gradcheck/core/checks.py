@@ -9,6 +9,7 @@ from typing import Any
 from pytest_gradcheck.core.bounds import Bounds, resolve
 from pytest_gradcheck.core.findings import Finding
 from pytest_gradcheck.core.profile import ActivationStats, GradientProfile
+from pytest_gradcheck.core.signal import is_scale_invariant, signal_findings
 from pytest_gradcheck.errors import SettingError
 
 
@@ -25,6 +26,7 @@ def check(profile: GradientProfile, bounds: Bounds | None = None, **overrides: A
     findings += _max_grad_findings(profile, bounds)
     findings += _nonfinite_findings(profile)
     findings += _dead_findings(profile)
+    findings += signal_findings(profile, bounds)
     findings += _unused_findings(profile, bounds)
     findings += _dead_relu_findings(profile, bounds)
     findings += _saturation_findings(profile, bounds)
@@ -44,6 +46,15 @@ def _ratio_findings(profile: GradientProfile, bounds: Bounds) -> list[Finding]:
         message = f"vanishing gradients: first/last ratio {ratio:.3g} < min_ratio {bounds.min_ratio:g} ({numbers})"
         return [Finding("vanishing", pair, message, True, ratio, bounds.min_ratio)]
     if bounds.max_ratio is not None and ratio > bounds.max_ratio:
+        if is_scale_invariant(first):
+            # A weight followed by normalisation: its gradient shrinks as the weight grows, so a
+            # large one corrects itself (Arora et al. 2019, Hoffer et al. 2018). Said, not failed.
+            message = (
+                f"first/last ratio {ratio:.3g} is above max_ratio {bounds.max_ratio:g} ({numbers}), but {first.name}'s "
+                f"weights are scale-invariant (|cos(grad, weight)| {first.scale_invariance:.2g}: normalisation follows "
+                "them), and a large gradient of a scale-invariant weight shrinks as the weight grows; not failing"
+            )
+            return [Finding("exploding", pair, message, False, ratio, bounds.max_ratio)]
         message = f"exploding gradients: first/last ratio {ratio:.3g} > max_ratio {bounds.max_ratio:g} ({numbers})"
         return [Finding("exploding", pair, message, True, ratio, bounds.max_ratio)]
     return []
@@ -83,11 +94,44 @@ def _nonfinite_findings(profile: GradientProfile) -> list[Finding]:
 
 
 def _dead_findings(profile: GradientProfile) -> list[Finding]:
-    dead = [layer.name for layer in profile.layers if layer.dead]
-    if not dead:
-        return []
-    message = f"dead layers: every gradient is exactly zero in {len(dead)} layer(s): {', '.join(dead)}"
-    return [Finding("dead", dead, message, True)]
+    gates, gated = zero_gates(profile)
+    dead = [layer.name for layer in profile.layers if layer.dead and layer.name not in gated]
+    findings = []
+    if gated:
+        shown = ", ".join(gates[:4]) + (f" and {len(gates) - 4} more" if len(gates) > 4 else "")
+        message = (
+            f"zero-initialised gates: the parameters of {shown} are exactly zero at init, so the "
+            f"{len(gated)} layer(s) before them get no gradient yet ({_listed(gated)}); they are not measurable "
+            "until the first step moves the gates off zero (zero-init residuals and heads: Goyal et al. 2017, "
+            "Fixup, SkipInit, ReZero); not failing"
+        )
+        findings.append(Finding("zero_init", gated, message, False))
+    if dead:
+        message = f"dead layers: every gradient is exactly zero in {len(dead)} layer(s): {', '.join(dead)}"
+        findings.append(Finding("dead", dead, message, True))
+    return findings
+
+
+def zero_gates(profile: GradientProfile) -> tuple[list[str], list[str]]:
+    """(zero gates, the layers behind them): exactly-zero weights that pass no gradient back, yet get one.
+
+    A layer whose non-bias parameters are all exactly zero multiplies what flows back
+    through it by zero, while its own gradient is not zero. The layers that ran before the
+    last such gate and got no gradient are behind a gate, not dead: the first step moves it.
+    """
+    gates = [
+        index
+        for index, layer in enumerate(profile.layers)
+        if layer.zero_init and layer.received_grad and not layer.all_zero
+    ]
+    if not gates:
+        return [], []
+    behind = [layer.name for layer in profile.layers[: gates[-1]] if layer.dead]
+    return [profile.layers[index].name for index in gates], behind
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names) if len(names) <= 4 else f"{names[0]}, {names[1]}, ... {names[-1]}"
 
 
 def _unused_findings(profile: GradientProfile, bounds: Bounds) -> list[Finding]:

@@ -15,6 +15,15 @@ class LayerStats:
     ``grad_max_abs``, ``grad_norm``, ``weight_norm`` and ``zero_fraction`` are None
     unless the probe ran with ``detail=True`` (the report table, plots and the
     ``max_grad`` bound ask for it).
+
+    ``role`` is "layer" (it applies its weights to its input), "lookup" (an embedding
+    table) or "container" (a model's own module holding tokens, tables or gains next to
+    its submodules); None in files written before it was measured. ``input_std`` is the std
+    of its first input: the forward signal.
+    ``scale_invariance`` is |cos| between its weights and their gradient, measured for the
+    first weight layers (0 when normalisation follows it); ``normalised`` says whether its
+    output goes straight into a normalisation layer; ``zero_init`` says whether its
+    parameters other than biases are all exactly zero, measured when a layer got no gradient.
     """
 
     name: str
@@ -33,11 +42,22 @@ class LayerStats:
     grad_norm: float | None = None
     weight_norm: float | None = None
     zero_fraction: float | None = None
+    role: str | None = None
+    input_std: float | None = None
+    scale_invariance: float | None = None
+    normalised: bool | None = None
+    zero_init: bool | None = None
 
     @property
     def pickable(self) -> bool:
-        """Whether this layer may serve as the profile's first or last layer."""
-        return self.has_matrix and self.received_grad and not self.is_norm
+        """Whether this layer may serve as the ratio's first or last layer: a weight layer with a gradient."""
+        return (
+            self.has_matrix
+            and self.received_grad
+            and self.grad_mean_abs > 0.0  # a weight with no gradient at all is the dead rule's, not the ratio's
+            and not self.is_norm
+            and self.role not in ("lookup", "container")
+        )
 
     @property
     def dead(self) -> bool:
@@ -120,9 +140,51 @@ class ActivationProfile:
         return cls(**values)
 
 
+# Rows of an output gradient that must have softmax cross-entropy's shape (p - y) for the output
+# to count as a classifier's under cross-entropy.
+SOFTMAX_SHARE = 0.5
+
+
+@dataclass
+class TimeProfile:
+    """The gradient that reached each step of one recurrent layer's input or state, earliest step first."""
+
+    layer: str
+    kind: str
+    steps: list[float]
+
+    @property
+    def ratio(self) -> float | None:
+        """Mean |grad| at the earliest step over the latest's, or None with fewer than two steps."""
+        if len(self.steps) < 2 or not all(math.isfinite(step) for step in self.steps):
+            return None
+        latest = self.steps[-1]
+        if latest == 0.0:
+            return None
+        return self.steps[0] / latest
+
+    @property
+    def per_step(self) -> float | None:
+        """The factor the gradient changes by per step back in time (geometric mean), or None."""
+        ratio = self.ratio
+        if ratio is None or ratio <= 0.0:
+            return None
+        return ratio ** (1.0 / (len(self.steps) - 1))
+
+
 @dataclass
 class GradientProfile:
-    """Per-layer gradient statistics of one forward and backward pass."""
+    """Per-layer gradient statistics of one forward and backward pass.
+
+    ``loss_kind`` says where the loss came from: "random" (the default: the output
+    projected on a fixed random direction), "model" (the output's own ``loss``),
+    "loss_fn" (the caller's), or "sum" (the output's sum: the default of older files).
+    The ``output_*`` fields describe the output the loss read: its std, the share of its
+    rows whose gradient has the shape of softmax cross-entropy's (p - y), its number of
+    classes (last dimension), and ``expected_loss``, its cross-entropy against a uniformly
+    random label (log-sum-exp minus the mean logit), and the layer whose weights produce it.
+    ``time`` follows recurrent layers.
+    """
 
     model: str
     layers: list[LayerStats]
@@ -131,6 +193,13 @@ class GradientProfile:
     device: str = "cpu"
     dtype: str = "float32"
     input_shapes: list[str] = field(default_factory=list)
+    loss_kind: str = "sum"
+    output_std: float | None = None
+    output_softmax_share: float | None = None
+    output_classes: int | None = None
+    expected_loss: float | None = None
+    output_layer: str | None = None
+    time: list[TimeProfile] = field(default_factory=list)
     # None unless the instrumented activation pass ran (pytest_gradcheck.assess decides when).
     activations: ActivationProfile | None = None
 
@@ -141,8 +210,22 @@ class GradientProfile:
 
     @property
     def last(self) -> LayerStats | None:
-        """Last executed layer with a weight matrix that received a gradient."""
-        return next((layer for layer in reversed(self.layers) if layer.pickable), None)
+        """Last executed layer with a weight matrix that received a gradient.
+
+        Under a softmax cross-entropy, not the layer that produces the logits: its gradient
+        is p - y, about 1/C for every class but one at init, so its mean |grad| is diluted by
+        the C classes rather than by anything that vanished. The ratio ends at the layer before.
+        """
+        picks = [layer for layer in reversed(self.layers) if layer.pickable][:2]
+        if len(picks) == 2 and picks[0].name == self.output_layer and self.under_softmax_loss:
+            return picks[1]
+        return picks[0] if picks else None
+
+    @property
+    def under_softmax_loss(self) -> bool:
+        """Whether the loss is a softmax cross-entropy of the output: its gradient is p - y, row by row."""
+        share = self.output_softmax_share
+        return share is not None and share >= SOFTMAX_SHARE and (self.output_classes or 0) > 1
 
     @property
     def ratio(self) -> float | None:
@@ -152,8 +235,6 @@ class GradientProfile:
             return None
         if not (first.finite and last.finite):
             return float("nan")
-        if last.grad_mean_abs == 0.0:
-            return float("inf") if first.grad_mean_abs > 0.0 else None
         return first.grad_mean_abs / last.grad_mean_abs
 
     @property
@@ -182,8 +263,10 @@ class GradientProfile:
         """Rebuild a profile from :meth:`to_dict` output (derived keys are ignored)."""
         layer_fields = {f.name for f in dataclasses.fields(LayerStats)}
         layers = [LayerStats(**{k: v for k, v in layer.items() if k in layer_fields}) for layer in data["layers"]]
-        own_fields = {f.name for f in dataclasses.fields(cls)} - {"layers", "activations"}
+        own_fields = {f.name for f in dataclasses.fields(cls)} - {"layers", "activations", "time"}
         activations = data.get("activations")
         if activations is not None:
             activations = ActivationProfile.from_dict(activations)
-        return cls(layers=layers, activations=activations, **{k: v for k, v in data.items() if k in own_fields})
+        time = [TimeProfile(**steps) for steps in data.get("time", [])]
+        values = {k: v for k, v in data.items() if k in own_fields}
+        return cls(layers=layers, activations=activations, time=time, **values)

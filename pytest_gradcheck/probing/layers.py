@@ -60,11 +60,16 @@ def parameter_owners(named_modules: list[tuple[str, nn.Module]]) -> list[Layer]:
 
 
 class ExecutionRecord:
-    """What the forward pass revealed: execution order and embedding lookups."""
+    """What the forward pass revealed: execution order, the layers' inputs, embedding lookups."""
 
     def __init__(self, named_modules: list[tuple[str, nn.Module]]) -> None:
         self.named_modules = named_modules
         self.order: dict[int, int] = {}
+        # Each layer's arguments: those of its first call, and of every call of a layer called again.
+        self.first_args: dict[int, tuple[Any, ...]] = {}
+        self.repeated_args: dict[int, list[tuple[Any, ...]]] = {}
+        # A recurrent module's sequence input, made to carry gradient: (module id, tensor, time dim).
+        self.sequences: list[tuple[int, torch.Tensor, int]] = []
         self.lookups: dict[int, list[torch.Tensor]] = {}
         self.embedding_rows: dict[int, torch.Tensor] = {}
         # Tied embeddings whose sum of |g| was taken over the looked-up rows.
@@ -96,13 +101,36 @@ class ExecutionRecord:
 def record_execution(
     model: nn.Module, named_modules: list[tuple[str, nn.Module]], candidates: list[Layer]
 ) -> Iterator[ExecutionRecord]:
-    """Forward pre-hooks that record execution order and the rows embeddings look up."""
+    """Forward pre-hooks that record execution order, the layers' inputs and the rows embeddings look up."""
     record = ExecutionRecord(named_modules)
-    order = record.order
+    order, first_args, repeated_args = record.order, record.first_args, record.repeated_args
+    owners = {id(layer.module) for layer in candidates}
 
     def note(module: nn.Module, args: Any) -> None:
-        if id(module) not in order:
-            order[id(module)] = len(order)
+        key = id(module)
+        if key not in order:
+            order[key] = len(order)
+            if key in owners:
+                first_args[key] = args
+        elif key in owners:  # a layer called again: an RNN cell over time, a block shared by depth
+            calls = repeated_args.get(key)
+            if calls is None:
+                repeated_args[key] = [first_args[key], args]
+            else:
+                calls.append(args)
+
+    def note_sequence(module: nn.Module, args: Any) -> Any:
+        # The gradient that reaches each time step of the input: a sequence that carries none
+        # (the model's own input) is replaced by a copy that does, which changes no parameter's.
+        sequence = args[0] if args else None
+        if not isinstance(sequence, torch.Tensor) or not sequence.is_floating_point() or sequence.dim() < 2:
+            return None
+        if not sequence.requires_grad:
+            sequence = sequence.detach().requires_grad_()
+            args = (sequence, *args[1:])
+        time_dim = 1 if getattr(module, "batch_first", False) and sequence.dim() == 3 else 0
+        record.sequences.append((id(module), sequence, time_dim))
+        return args
 
     def note_lookup(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         ids = args[0] if args else kwargs.get("input")  # emb(ids) or emb(input=ids)
@@ -111,14 +139,15 @@ def record_execution(
 
     # Containers are hooked too, so a module whose parameters its parent uses
     # directly (MultiheadAttention.out_proj) is placed right after that parent.
-    owners = {id(layer.module) for layer in candidates}
     hooked = [module for _, module in named_modules if module._modules or id(module) in owners]
     embeddings = [module for module in hooked if isinstance(module, nn.Embedding) and id(module) in owners]
+    recurrent = [module for module in hooked if isinstance(module, nn.RNNBase) and id(module) in owners]
     # One registered hook whose id the other modules share: a handle per module cost
     # 3 to 4 ms on a 1,000-layer model, an entry in each module's hook dict a tenth of
     # that. The shared id is unique to this probe, and every entry is taken out again.
     handle = model.register_forward_pre_hook(note)
     handles = [module.register_forward_pre_hook(note_lookup, with_kwargs=True) for module in embeddings]
+    handles += [module.register_forward_pre_hook(note_sequence) for module in recurrent]
     record.hooks_registered = 1 + len(handles)
     shared = [module for module in hooked if module is not model]
     try:

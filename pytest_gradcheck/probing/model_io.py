@@ -110,28 +110,49 @@ def describe(args: tuple, kwargs: dict) -> list[str]:
     return [one(value) for value in args] + [f"{key}={one(value)}" for key, value in kwargs.items()]
 
 
-def loss_of(output: Any, loss_fn: Callable[[Any], torch.Tensor] | None, model_name: str) -> torch.Tensor:
-    """The scalar the probe differentiates: loss_fn(output), a 'loss' entry, or a sum."""
+# How the probe's loss came about: the user's loss_fn, the output's own loss entry, or the
+# default, a fixed random direction.
+LOSS_KINDS = ("loss_fn", "model", "random")
+
+
+def loss_of(
+    output: Any, loss_fn: Callable[[Any], torch.Tensor] | None, model_name: str, seed: int
+) -> tuple[torch.Tensor, str]:
+    """The scalar the probe differentiates and its kind: loss_fn(output), a 'loss' entry, or a random direction.
+
+    The default is <y, r> over the output's floating-point tensors y, with r drawn from
+    N(0, 1) under the probe's seed. Unlike the sum of y, it is not a constant when y is
+    normalised (the batch sum of a batch-normalised output is), and every output element
+    gets a gradient of the same size, as in signal-propagation analyses.
+    """
     if loss_fn is not None:
         loss = loss_fn(output)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.dtype.is_floating_point:
             raise ProbeError(
                 f"loss_fn must return a scalar floating-point tensor; for {model_name} it returned {_kind_of(loss)}"
             )
-        return loss.reshape(()).float()
+        return loss.reshape(()).float(), "loss_fn"
     explicit = _loss_entry(output)
     if explicit is not None:
-        return explicit.reshape(()).float()
+        return explicit.reshape(()).float(), "model"
     tensors = [t for t in tensors_in(output) if t.dtype.is_floating_point or t.dtype.is_complex]
     if not tensors:
         raise ProbeError(
             f"{model_name} returned {_kind_of(output)}, which holds no floating-point tensor to "
             "differentiate; pass loss_fn=lambda output: ... returning a scalar tensor"
         )
-    total = tensors[0].float().sum()
-    for tensor in tensors[1:]:
-        total = total + tensor.float().sum()
-    return total.real if total.is_complex() else total
+    generators: dict[torch.device, torch.Generator] = {}
+    total: torch.Tensor | None = None
+    for tensor in tensors:
+        values = tensor.real if tensor.is_complex() else tensor
+        generator = generators.get(values.device)
+        if generator is None:
+            generator = generators[values.device] = torch.Generator(device=values.device).manual_seed(seed)
+        direction = torch.randn(values.shape, generator=generator, device=values.device, dtype=torch.float32)
+        term = (values.float() * direction).sum()
+        total = term if total is None else total + term
+    assert total is not None
+    return total, "random"
 
 
 def _loss_entry(output: Any) -> torch.Tensor | None:

@@ -11,15 +11,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from pytest_gradcheck.core.profile import ActivationProfile, GradientProfile
+from pytest_gradcheck.core.profile import ActivationProfile, GradientProfile, LayerStats, TimeProfile
 from pytest_gradcheck.errors import ProbeError
-from pytest_gradcheck.probing import activations, model_io, sharded
+from pytest_gradcheck.probing import activations, model_io, sharded, signals
 from pytest_gradcheck.probing.layers import (
     ExecutionRecord,
     Layer,
     assign_owners,
     parameter_owners,
     place_by_use,
+    public_name,
     record_execution,
     tied_embedding_weights,
 )
@@ -30,6 +31,7 @@ from pytest_gradcheck.probing.statistics import (
     gradients,
     gradients_by_backward,
     layer_stats,
+    to_host,
 )
 
 LossFn = Callable[[Any], torch.Tensor]
@@ -153,7 +155,7 @@ class ModelRun:
         with record_execution(self.model, self.named_modules, self.candidates) as record:
             self._sandbox.own_hooks(record.hooks_registered)
             output = self._forward()
-        loss = model_io.loss_of(output, loss_fn, self.model_name)
+        loss, loss_kind = model_io.loss_of(output, loss_fn, self.model_name, self.seed)
         layers = assign_owners(self.candidates, record)
         params = [param for layer in layers for _, param in layer.params]
         if not loss.requires_grad:
@@ -161,35 +163,58 @@ class ModelRun:
                 f"the loss of {self.model_name} does not depend on any trainable parameter; "
                 "check that forward() uses the parameters and that no torch.no_grad() hides them"
             )
+        scales = signals.input_scales(layers, record)
+        normalised = signals.normalised_layers(layers, record)
+        record.first_args.clear()  # the inputs' scales are taken: backward may free them
+        measures = _Measures(scales, normalised)
         if self.fully_sharded:  # every rank must probe: FSDP2 all-gathers and reduce-scatters
             grads = gradients_by_backward(loss, params)
             per_param, rows, loss_value = sharded.statistics(params, grads, record.embedding_rows, loss)
             detail = True  # its all-reduced rows hold every statistic anyway
         else:
-            grads = self._gradients(loss, params, layers, record, plain_backward)
+            # The output and the recurrent layers' steps are differentiated with the parameters.
+            main = signals.main_output(output) if not plain_backward else None
+            sources = signals.time_sources(layers, record) if not plain_backward else []
+            watched = ([main] if main is not None and main.requires_grad else []) + [
+                tensor for source in sources for tensor in source.tensors
+            ]
+            all_grads = self._gradients(loss, [*params, *watched], layers, record, plain_backward)
+            grads, watched_grads = all_grads[: len(params)], all_grads[len(params) :]
+            measures.add_gradient_pass(layers, params, grads, main, sources, watched_grads)
             tied = tied_embedding_weights(layers, record)
-            per_param, rows, loss_value = gradient_statistics(params, grads, tied, record, loss, detail)
+            per_param, rows, loss_value, measured = gradient_statistics(
+                params, grads, tied, record, loss, detail, measures.tensors()
+            )
+            measures.read(measured)
         if record.used_after:
             layers, per_param = _in_order_of_use(layers, per_param, record)
+        stats = layer_stats(layers, per_param, rows, record, detail)
+        measures.describe_layers(layers, stats)
+        if any(row.received_grad and row.all_zero for row in stats):
+            _mark_zero_gates(layers, stats)
         return GradientProfile(
             model=self.model_name,
-            layers=layer_stats(layers, per_param, rows, record, detail),
+            layers=stats,
             loss=loss_value,
             seed=self.seed,
             device=str(params[0].device),
             dtype=str(params[0].dtype).replace("torch.", ""),
             input_shapes=model_io.describe(self.args, self.kwargs),
+            loss_kind=loss_kind,
+            time=measures.time,
+            **measures.output,
         )
 
     def _gradients(
         self,
         loss: torch.Tensor,
-        params: list[nn.Parameter],
+        inputs: list[torch.Tensor],
         layers: list[Layer],
         record: ExecutionRecord,
         plain_backward: bool,
     ) -> list[torch.Tensor | None]:
-        """The parameters' gradients; where some layer was never called, the order they arrive in too."""
+        """The gradients of ``inputs`` (the parameters, then any other tensor watched); where some
+        layer was never called, the order they arrive in too."""
         arrivals: list[int] = []
         handles = []
         # A layer whose parameters another module uses (F.linear(h, self.head.weight)) was never
@@ -202,9 +227,9 @@ class ModelRun:
             self._sandbox.own_hooks(len(handles))
         try:
             if plain_backward:
-                return gradients_by_backward(loss, params)
+                return gradients_by_backward(loss, inputs)
             try:
-                return gradients(loss, params)
+                return gradients(loss, inputs)
             except RuntimeError as error:
                 if "use_reentrant=True" not in str(error):
                     raise
@@ -223,6 +248,93 @@ class ModelRun:
         args, kwargs = model_io.fresh_copies(self.args, self.kwargs)
         with self._sandbox.watching():
             return activations.measure(self.model, args, kwargs, self._sandbox.own_hooks)
+
+
+class _Measures:
+    """The gradient pass's measurements beyond the gradients: device tensors first, numbers after the sync."""
+
+    def __init__(self, scales: dict[int, torch.Tensor], normalised: set[int]) -> None:
+        self.scales = scales
+        self.normalised = normalised
+        self.invariance: dict[int, torch.Tensor] = {}
+        self.output_tensors: list[torch.Tensor] = []
+        self.steps: list[tuple[signals.TimeSource, torch.Tensor]] = []
+        self.values: dict[int, float] = {}
+        self.invariance_values: dict[int, float] = {}
+        self.output: dict[str, Any] = {}
+        self.time: list[TimeProfile] = []
+
+    def add_gradient_pass(
+        self,
+        layers: list[Layer],
+        params: list[nn.Parameter],
+        grads: list[torch.Tensor | None],
+        main: torch.Tensor | None,
+        sources: list[signals.TimeSource],
+        watched_grads: list[torch.Tensor | None],
+    ) -> None:
+        grad_of = {id(param): grad for param, grad in zip(params, grads)}
+        for layer in signals.invariance_candidates(layers, grad_of):
+            self.invariance[id(layer.module)] = signals.scale_invariance(layer, grad_of)
+        position = 0
+        if main is not None:
+            output_grad = watched_grads[0] if main.requires_grad else None
+            position = 1 if main.requires_grad else 0
+            self.output_tensors = signals.output_measures(main, output_grad)
+            producer = signals.output_layer(main, layers)
+            self.output["output_layer"] = public_name(producer) if producer is not None else None
+        for source in sources:
+            count = len(source.tensors)
+            steps = signals.step_gradients(source, watched_grads[position : position + count])
+            position += count
+            if steps is not None:
+                self.steps.append((source, steps))
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Everything to copy to the host with the gradients' statistics, in one order."""
+        return [
+            *self.scales.values(),
+            *self.invariance.values(),
+            *self.output_tensors,
+            *(steps for _, steps in self.steps),
+        ]
+
+    def read(self, values: list[list[float]]) -> None:
+        """The host values of :meth:`tensors`, in the same order."""
+        flat = iter(values)
+        self.values = {key: next(flat)[0] for key in self.scales}
+        self.invariance_values = {key: next(flat)[0] for key in self.invariance}
+        if self.output_tensors:
+            std, share, expected, classes = (next(flat)[0] for _ in range(4))
+            self.output |= {
+                "output_std": std,
+                "output_softmax_share": share,
+                "expected_loss": expected,
+                "output_classes": int(classes),
+            }
+        self.time = [TimeProfile(public_name(source.layer), source.kind, next(flat)) for source, _ in self.steps]
+
+    def describe_layers(self, layers: list[Layer], stats: list[LayerStats]) -> None:
+        """Each layer's role, input scale and scale invariance, onto its LayerStats."""
+        by_name = {layer.name: layer for layer in stats}
+        for layer in layers:
+            row = by_name.get(public_name(layer.name))
+            if row is None:
+                continue
+            key = id(layer.module)
+            row.role = signals.classify(layer.module)
+            row.input_std = self.values.get(key)
+            row.scale_invariance = self.invariance_values.get(key)
+            row.normalised = key in self.normalised
+
+
+def _mark_zero_gates(layers: list[Layer], stats: list[LayerStats]) -> None:
+    """Which layers' weights are exactly zero: read only when some layer got no gradient at all."""
+    by_name = {row.name: row for row in stats}
+    for layer, (flag,) in zip(layers, to_host(signals.zero_gates(layers))):  # a second sync, on this rare path
+        row = by_name.get(public_name(layer.name))
+        if row is not None:
+            row.zero_init = bool(flag)
 
 
 def _arrival(arrivals: list[int], index: int) -> Callable[[torch.Tensor], None]:

@@ -55,7 +55,7 @@ def to_host(tensors: Sequence[torch.Tensor]) -> list[list[float]]:
     return values
 
 
-def gradients(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor | None]:
+def gradients(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
     """The gradient of ``loss`` for each parameter, None where it got none.
 
     ``torch.autograd.grad`` leaves every ``.grad`` alone, so nothing that acts on
@@ -66,7 +66,7 @@ def gradients(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tens
     return list(torch.autograd.grad(loss, params, allow_unused=True))
 
 
-def gradients_by_backward(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor | None]:
+def gradients_by_backward(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
     """The gradients a plain ``loss.backward()`` leaves in ``params``' ``.grad``, which is put back after.
 
     For graphs that ``torch.autograd.grad`` cannot take: FSDP2 reduce-scatters in its
@@ -90,11 +90,13 @@ def gradient_statistics(
     record: ExecutionRecord,
     loss: torch.Tensor,
     detail: bool,
-) -> tuple[list[ParamStats], dict[int, float], float]:
+    extras: list[torch.Tensor] | None = None,
+) -> tuple[list[ParamStats], dict[int, float], float, list[list[float]]]:
     """Per-parameter statistics computed on the device, then one host sync per device.
 
     Returns (per parameter: its L1 norm or, with ``detail``, its StatRow; embedding rows
-    used by module id; loss value).
+    used by module id; loss value; the values of ``extras``, other device tensors that
+    join the same copy to the host).
 
     Small tensors of one shape are stacked and reduced row by row: a few kernels for
     a thousand layers, where per-tensor kernels would cost more than the arithmetic.
@@ -129,8 +131,9 @@ def gradient_statistics(
             rows = [_single_row(_present(dense[i]), params[i], tied.get(i), record, detail, buffers) for i in indices]
             pieces.append((indices, torch.stack([torch.stack(column).double() for column in zip(*rows)], dim=1)))
     embedding_ids = list(record.embedding_rows)
-    extras = [record.embedding_rows[key] for key in embedding_ids] + [loss.detach()]
-    values = to_host([piece for _, piece in pieces] + extras)  # the one sync per device
+    more = extras or []
+    rows_and_loss = [record.embedding_rows[key] for key in embedding_ids] + [loss.detach()]
+    values = to_host([piece for _, piece in pieces] + rows_and_loss + more)  # the one sync per device
     per_param: list[ParamStats] = [None] * len(params)
     for (indices, _), flat in zip(pieces, values):
         if not detail:
@@ -140,7 +143,8 @@ def gradient_statistics(
             for position, index in enumerate(indices):
                 per_param[index] = StatRow._make(flat[position * _DETAIL_WIDTH : (position + 1) * _DETAIL_WIDTH])
     rows_used = {key: found[0] for key, found in zip(embedding_ids, values[len(pieces) :])}
-    return per_param, rows_used, values[-1][0]
+    loss_index = len(pieces) + len(embedding_ids)
+    return per_param, rows_used, values[loss_index][0], values[loss_index + 1 :]
 
 
 def _present(grad: torch.Tensor | None) -> torch.Tensor:
@@ -347,7 +351,7 @@ def layer_stats(
                 kind[1],  # is_norm
                 [public_name(name) for name in layer.sharers] if layer.sharers else [],  # shared_with
                 unused,  # unused_parameters
-                *detail_fields,  # grad_max_abs, grad_norm, weight_norm, zero_fraction
+                *detail_fields,  # type: ignore[arg-type]  # grad_max_abs, grad_norm, weight_norm, zero_fraction
             )
         )
     # A layer that never ran and got no gradient has no place in the execution

@@ -16,6 +16,13 @@ if TYPE_CHECKING:
 VOCAB = 1000  # the vocabulary of the tiny Hugging Face models and of token_batch()
 
 
+def default_loss(output: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """The probe's default loss, written out: the output projected on N(0, 1) drawn under the seed."""
+    generator = torch.Generator(device=output.device).manual_seed(seed)
+    direction = torch.randn(output.shape, generator=generator, device=output.device)
+    return (output.float() * direction).sum()
+
+
 def fresh(build, *args, **kwargs):
     """``build(*args, **kwargs)`` right after torch.manual_seed(0): the same weights every time."""
     torch.manual_seed(0)
