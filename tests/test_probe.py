@@ -654,7 +654,7 @@ def test_layer_stats_fields_keep_the_order_the_probe_fills_them_in():
         "name", "kind", "numel", "grad_mean_abs", "finite", "all_zero", "executed", "received_grad",
         "has_matrix", "is_norm", "shared_with", "unused_parameters",
         "grad_max_abs", "grad_norm", "weight_norm", "zero_fraction",
-        "role", "input_std", "scale_invariance", "normalised", "zero_init",
+        "role", "input_std", "scale_invariance", "normalised", "output_std", "shares_input_with", "zero_init",
     ]  # fmt: skip
 
 

@@ -64,8 +64,14 @@ def test_bert_masked_lm_ties_the_decoder_to_word_embeddings():
     assert embeddings.shared_with == ["cls.predictions.decoder"]
     assert "cls.predictions.decoder" not in [layer.name for layer in profile.layers]
     assert_counted_once(profile, model)
+    # query, key and value read the same input; the largest gradient of the three stands for
+    # that depth (query and key gradients are scaled by each other's near-zero products at init).
+    assert profile.layer("bert.encoder.layer.0.attention.self.query").shares_input_with == [
+        "bert.encoder.layer.0.attention.self.key",
+        "bert.encoder.layer.0.attention.self.value",
+    ]
     assert (profile.first.name, profile.last.name) == (
-        "bert.encoder.layer.0.attention.self.query",
+        "bert.encoder.layer.0.attention.self.value",
         "cls.predictions.transform.dense",
     )
     with torch.no_grad():
@@ -82,7 +88,7 @@ def test_bert_pooler_outside_the_loss_is_reported_unused():
     assert pooler.unused_parameters == ["pooler.dense.weight", "pooler.dense.bias"]
     assert [layer.name for layer in profile.layers if not layer.received_grad] == ["pooler.dense"]
     assert (profile.first.name, profile.last.name) == (
-        "encoder.layer.0.attention.self.query",
+        "encoder.layer.0.attention.self.value",
         "encoder.layer.1.output.dense",
     )
     assert_counted_once(profile, model)

@@ -8,8 +8,8 @@ from typing import Any
 
 from pytest_gradcheck.core.bounds import Bounds, resolve
 from pytest_gradcheck.core.findings import Finding
-from pytest_gradcheck.core.profile import ActivationStats, GradientProfile
-from pytest_gradcheck.core.signal import is_scale_invariant, signal_findings
+from pytest_gradcheck.core.profile import ActivationStats, GradientProfile, LayerStats
+from pytest_gradcheck.core.signal import backward_ratio, is_scale_invariant, signal_findings
 from pytest_gradcheck.errors import SettingError
 
 
@@ -42,10 +42,15 @@ def _ratio_findings(profile: GradientProfile, bounds: Bounds) -> list[Finding]:
         f"first layer {first.name} mean |grad| {first.grad_mean_abs:.3g}, "
         f"last layer {last.name} mean |grad| {last.grad_mean_abs:.3g}"
     )
+    backward = backward_ratio(profile)
     if bounds.min_ratio is not None and ratio < bounds.min_ratio:
+        if backward is not None and backward >= bounds.min_ratio:
+            return [_signal_explained("vanishing", pair, ratio, bounds.min_ratio, backward, numbers, first, last)]
         message = f"vanishing gradients: first/last ratio {ratio:.3g} < min_ratio {bounds.min_ratio:g} ({numbers})"
         return [Finding("vanishing", pair, message, True, ratio, bounds.min_ratio)]
     if bounds.max_ratio is not None and ratio > bounds.max_ratio:
+        if backward is not None and backward <= bounds.max_ratio:
+            return [_signal_explained("exploding", pair, ratio, bounds.max_ratio, backward, numbers, first, last)]
         if is_scale_invariant(first):
             # A weight followed by normalisation: its gradient shrinks as the weight grows, so a
             # large one corrects itself (Arora et al. 2019, Hoffer et al. 2018). Said, not failed.
@@ -58,6 +63,31 @@ def _ratio_findings(profile: GradientProfile, bounds: Bounds) -> list[Finding]:
         message = f"exploding gradients: first/last ratio {ratio:.3g} > max_ratio {bounds.max_ratio:g} ({numbers})"
         return [Finding("exploding", pair, message, True, ratio, bounds.max_ratio)]
     return []
+
+
+def _signal_explained(
+    rule: str,
+    pair: list[str],
+    ratio: float,
+    bound: float,
+    backward: float,
+    numbers: str,
+    first: LayerStats,
+    last: LayerStats,
+) -> Finding:
+    """A ratio out of bounds that the forward signal accounts for: said, not failed."""
+    name = "min_ratio" if rule == "vanishing" else "max_ratio"
+    message = (
+        f"first/last ratio {ratio:.3g} is {'below' if rule == 'vanishing' else 'above'} {name} {bound:g} ({numbers}), "
+        f"but a weight's gradient scales with its input, and {last.name}'s input has {_relative(first, last):.3g} "
+        f"times the std of {first.name}'s: the backward signal itself changes by {backward:.3g}, within the "
+        "bounds; the forward signal rule judges the rest; not failing"
+    )
+    return Finding(rule, pair, message, False, ratio, bound)
+
+
+def _relative(first: LayerStats, last: LayerStats) -> float:
+    return (last.input_std or 0.0) / (first.input_std or 1.0)
 
 
 def _max_grad_findings(profile: GradientProfile, bounds: Bounds) -> list[Finding]:

@@ -22,7 +22,9 @@ class LayerStats:
     of its first input: the forward signal.
     ``scale_invariance`` is |cos| between its weights and their gradient, measured for the
     first weight layers (0 when normalisation follows it); ``normalised`` says whether its
-    output goes straight into a normalisation layer; ``zero_init`` says whether its
+    output goes straight into a normalisation layer, and ``output_std`` is then the std of
+    that output; ``shares_input_with`` names the layers that read the very same input (the
+    query, key and value projections of one attention); ``zero_init`` says whether its
     parameters other than biases are all exactly zero, measured when a layer got no gradient.
     """
 
@@ -46,6 +48,8 @@ class LayerStats:
     input_std: float | None = None
     scale_invariance: float | None = None
     normalised: bool | None = None
+    output_std: float | None = None
+    shares_input_with: list[str] = field(default_factory=list)
     zero_init: bool | None = None
 
     @property
@@ -199,14 +203,29 @@ class GradientProfile:
     output_classes: int | None = None
     expected_loss: float | None = None
     output_layer: str | None = None
+    input_grads: dict[str, float] = field(default_factory=dict)
     time: list[TimeProfile] = field(default_factory=list)
     # None unless the instrumented activation pass ran (pytest_gradcheck.assess decides when).
     activations: ActivationProfile | None = None
 
     @property
     def first(self) -> LayerStats | None:
-        """First executed layer with a weight matrix that received a gradient."""
-        return next((layer for layer in self.layers if layer.pickable), None)
+        """First executed layer with a weight matrix that received a gradient (see :meth:`at_depth_of`)."""
+        return self.at_depth_of(next((layer for layer in self.layers if layer.pickable), None))
+
+    def at_depth_of(self, layer: LayerStats | None) -> LayerStats | None:
+        """Of ``layer`` and the layers that read the very same input, the one with the largest gradient.
+
+        They sit at one depth, and the backward signal there shows in the largest of their
+        gradients: a layer whose output is multiplied by another activation (attention's
+        query and key, in scores = q k^T) gets only the part that passes the softmax, which
+        starts near uniform.
+        """
+        if layer is None or not layer.shares_input_with:
+            return layer
+        names = set(layer.shares_input_with)
+        group = [layer] + [other for other in self.layers if other.name in names and other.pickable]
+        return max(group, key=lambda other: other.grad_mean_abs)
 
     @property
     def last(self) -> LayerStats | None:
@@ -218,8 +237,8 @@ class GradientProfile:
         """
         picks = [layer for layer in reversed(self.layers) if layer.pickable][:2]
         if len(picks) == 2 and picks[0].name == self.output_layer and self.under_softmax_loss:
-            return picks[1]
-        return picks[0] if picks else None
+            return self.at_depth_of(picks[1])
+        return self.at_depth_of(picks[0]) if picks else None
 
     @property
     def under_softmax_loss(self) -> bool:

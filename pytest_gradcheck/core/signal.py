@@ -28,6 +28,21 @@ def is_scale_invariant(layer: LayerStats) -> bool:
     return cosine < SCALE_INVARIANT or (bool(layer.normalised) and cosine < SCALE_INVARIANT_FED)
 
 
+def backward_ratio(profile: GradientProfile) -> float | None:
+    """The first/last ratio with the forward signal taken out: the backward signal's own change.
+
+    A weight's gradient is the backward signal at its output times its input, so where the
+    inputs shrink or grow across the network the ratio moves with them; times the last
+    input's std over the first's, what is left is how the backward signal changed.
+    """
+    ratio, first, last = profile.ratio, profile.first, profile.last
+    if ratio is None or first is None or last is None or not math.isfinite(ratio):
+        return None
+    if not first.input_std or not last.input_std or math.isnan(first.input_std) or math.isnan(last.input_std):
+        return None
+    return ratio * last.input_std / first.input_std
+
+
 def signal_curve(profile: GradientProfile) -> list[tuple[str, float]]:
     """(layer, std of its input over the first layer's), for the weight layers in execution order.
 

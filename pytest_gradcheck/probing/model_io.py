@@ -76,24 +76,34 @@ def as_call_arguments(inputs: Any) -> tuple[tuple, dict]:
     )
 
 
-def fresh_copies(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def fresh_copies(
+    args: tuple[Any, ...], kwargs: dict[str, Any], carry_gradient: bool = False
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The call arguments with every tensor in them copied: a forward that edits its inputs in place
-    edits the probe's copies, never the caller's, and each pass sees the same numbers."""
-    return _copied(args), {key: _copied(value) for key, value in kwargs.items()}
+    edits the probe's copies, never the caller's, and each pass sees the same numbers.
+
+    With ``carry_gradient``, floating-point copies carry gradient (as the sum of the copy and a
+    zero that requires it: not a leaf, so a forward may still edit them in place), which shows
+    the gradient that reaches the model's first layers.
+    """
+    return _copied(args, carry_gradient), {key: _copied(value, carry_gradient) for key, value in kwargs.items()}
 
 
-def _copied(value: Any, depth: int = 0) -> Any:
+def _copied(value: Any, carry_gradient: bool, depth: int = 0) -> Any:
     if isinstance(value, torch.Tensor):
         copy = value.detach().clone()
-        return copy.requires_grad_() if value.requires_grad and copy.is_floating_point() else copy
+        if copy.is_floating_point() and (carry_gradient or value.requires_grad):
+            zero = torch.zeros((), dtype=copy.dtype, device=copy.device, requires_grad=True)
+            return copy + zero
+        return copy
     if depth > 4:
         return value
     if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(_copied(item, depth + 1) for item in value)
+        return tuple(_copied(item, carry_gradient, depth + 1) for item in value)
     if isinstance(value, list):
-        return [_copied(item, depth + 1) for item in value]
+        return [_copied(item, carry_gradient, depth + 1) for item in value]
     if type(value) is dict:
-        return {key: _copied(item, depth + 1) for key, item in value.items()}
+        return {key: _copied(item, carry_gradient, depth + 1) for key, item in value.items()}
     return value
 
 

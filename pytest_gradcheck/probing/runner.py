@@ -130,7 +130,7 @@ class ModelRun:
         """The model called on fresh copies of the inputs, its parameters watched."""
         __tracebackhide__ = True
         assert self._sandbox is not None, "a pass runs inside `with ModelRun(...)`"
-        args, kwargs = model_io.fresh_copies(self.args, self.kwargs)
+        args, kwargs = model_io.fresh_copies(self.args, self.kwargs, carry_gradient=True)
         with self._sandbox.watching():
             return call_model(self.model, args, kwargs)
 
@@ -165,8 +165,10 @@ class ModelRun:
             )
         scales = signals.input_scales(layers, record)
         normalised = signals.normalised_layers(layers, record)
+        sharing = signals.siblings(layers, record)
+        backward = signals.backward_candidates(layers, record) if not plain_backward else []
         record.first_args.clear()  # the inputs' scales are taken: backward may free them
-        measures = _Measures(scales, normalised)
+        measures = _Measures(scales, normalised, sharing)
         if self.fully_sharded:  # every rank must probe: FSDP2 all-gathers and reduce-scatters
             grads = gradients_by_backward(loss, params)
             per_param, rows, loss_value = sharded.statistics(params, grads, record.embedding_rows, loss)
@@ -175,12 +177,14 @@ class ModelRun:
             # The output and the recurrent layers' steps are differentiated with the parameters.
             main = signals.main_output(output) if not plain_backward else None
             sources = signals.time_sources(layers, record) if not plain_backward else []
-            watched = ([main] if main is not None and main.requires_grad else []) + [
-                tensor for source in sources for tensor in source.tensors
-            ]
+            watched = (
+                ([main] if main is not None and main.requires_grad else [])
+                + [tensor for source in sources for tensor in source.tensors]
+                + [tensor for _, tensor in backward]
+            )
             all_grads = self._gradients(loss, [*params, *watched], layers, record, plain_backward)
             grads, watched_grads = all_grads[: len(params)], all_grads[len(params) :]
-            measures.add_gradient_pass(layers, params, grads, main, sources, watched_grads)
+            measures.add_gradient_pass(layers, params, grads, main, sources, watched_grads, backward)
             tied = tied_embedding_weights(layers, record)
             per_param, rows, loss_value, measured = gradient_statistics(
                 params, grads, tied, record, loss, detail, measures.tensors()
@@ -253,12 +257,16 @@ class ModelRun:
 class _Measures:
     """The gradient pass's measurements beyond the gradients: device tensors first, numbers after the sync."""
 
-    def __init__(self, scales: dict[int, torch.Tensor], normalised: set[int]) -> None:
+    def __init__(
+        self, scales: dict[int, torch.Tensor], normalised: dict[int, int], sharing: dict[int, list[str]]
+    ) -> None:
         self.scales = scales
         self.normalised = normalised
+        self.sharing = sharing
         self.invariance: dict[int, torch.Tensor] = {}
         self.output_tensors: list[torch.Tensor] = []
         self.steps: list[tuple[signals.TimeSource, torch.Tensor]] = []
+        self.input_grads: list[tuple[str, torch.Tensor]] = []
         self.values: dict[int, float] = {}
         self.invariance_values: dict[int, float] = {}
         self.output: dict[str, Any] = {}
@@ -272,6 +280,7 @@ class _Measures:
         main: torch.Tensor | None,
         sources: list[signals.TimeSource],
         watched_grads: list[torch.Tensor | None],
+        backward: list[tuple[Layer, torch.Tensor]],
     ) -> None:
         grad_of = {id(param): grad for param, grad in zip(params, grads)}
         for layer in signals.invariance_candidates(layers, grad_of):
@@ -289,6 +298,9 @@ class _Measures:
             position += count
             if steps is not None:
                 self.steps.append((source, steps))
+        for (layer, _), grad in zip(backward, watched_grads[position:]):
+            if grad is not None:
+                self.input_grads.append((layer.name, grad.detach().abs().float().mean()))
 
     def tensors(self) -> list[torch.Tensor]:
         """Everything to copy to the host with the gradients' statistics, in one order."""
@@ -297,6 +309,7 @@ class _Measures:
             *self.invariance.values(),
             *self.output_tensors,
             *(steps for _, steps in self.steps),
+            *(value for _, value in self.input_grads),
         ]
 
     def read(self, values: list[list[float]]) -> None:
@@ -313,6 +326,7 @@ class _Measures:
                 "output_classes": int(classes),
             }
         self.time = [TimeProfile(public_name(source.layer), source.kind, next(flat)) for source, _ in self.steps]
+        self.output["input_grads"] = {public_name(name): next(flat)[0] for name, _ in self.input_grads}
 
     def describe_layers(self, layers: list[Layer], stats: list[LayerStats]) -> None:
         """Each layer's role, input scale and scale invariance, onto its LayerStats."""
@@ -326,6 +340,9 @@ class _Measures:
             row.input_std = self.values.get(key)
             row.scale_invariance = self.invariance_values.get(key)
             row.normalised = key in self.normalised
+            row.shares_input_with = [public_name(name) for name in self.sharing.get(key, [])]
+            if key in self.normalised:  # the std of what it feeds the normalisation: that layer's input
+                row.output_std = self.values.get(self.normalised[key])
 
 
 def _mark_zero_gates(layers: list[Layer], stats: list[LayerStats]) -> None:

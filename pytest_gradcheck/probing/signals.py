@@ -35,6 +35,21 @@ class TimeSource:
     time_dim: int | None  # a fused RNN's one sequence tensor: its time dimension; None for one tensor a step
 
 
+def siblings(layers: list[Layer], record: ExecutionRecord) -> dict[int, list[str]]:
+    """For each layer that reads the very same input tensor as others (attention's q, k and v): their names."""
+    readers: dict[int, list[Layer]] = {}
+    for layer in layers:
+        args = record.first_args.get(id(layer.module))
+        if args and isinstance(args[0], torch.Tensor):
+            readers.setdefault(id(args[0]), []).append(layer)
+    found = {}
+    for group in readers.values():
+        if len(group) > 1:
+            for layer in group:
+                found[id(layer.module)] = [other.name for other in group if other is not layer]
+    return found
+
+
 def input_scales(layers: list[Layer], record: ExecutionRecord) -> dict[int, torch.Tensor]:
     """The std of each layer's first floating-point input, by module id, as 0-d device tensors."""
     scales = {}
@@ -44,6 +59,27 @@ def input_scales(layers: list[Layer], record: ExecutionRecord) -> dict[int, torc
         if isinstance(first, torch.Tensor) and first.is_floating_point() and first.numel() > 1:
             scales[id(layer.module)] = tensor_scale(first)
     return scales
+
+
+def backward_candidates(
+    layers: list[Layer], record: ExecutionRecord, count: int = 4
+) -> list[tuple[Layer, torch.Tensor]]:
+    """The first and last ``count`` weight layers whose input carries gradient, with that input."""
+    found = []
+    for layer in layers:
+        args = record.first_args.get(id(layer.module))
+        first = args[0] if args else None
+        if (
+            isinstance(first, torch.Tensor)
+            and first.requires_grad
+            and first.is_floating_point()
+            and classify(layer.module) == "layer"
+            and not is_norm_layer(layer.module)
+            and any(param.dim() >= 2 for _, param in layer.params)
+        ):
+            found.append((layer, first))
+    picked = found[:count] + found[-count:]
+    return list({id(layer.module): (layer, tensor) for layer, tensor in picked}.values())
 
 
 def tensor_scale(tensor: torch.Tensor) -> torch.Tensor:
@@ -88,14 +124,15 @@ def output_layer(output: torch.Tensor, layers: list[Layer]) -> str | None:
     return producers[0].name if producers else None
 
 
-def normalised_layers(layers: list[Layer], record: ExecutionRecord) -> set[int]:
-    """Module ids of the layers whose output goes straight into a normalisation layer."""
+def normalised_layers(layers: list[Layer], record: ExecutionRecord) -> dict[int, int]:
+    """The layers whose output goes straight into a normalisation layer: producer's module id -> the norm's."""
     owners = _weight_owners(layers)
-    found: set[int] = set()
+    found: dict[int, int] = {}
     for layer in layers:
         args = record.first_args.get(id(layer.module))
         if args and isinstance(args[0], torch.Tensor) and is_norm_layer(layer.module):
-            found.update(id(producer.module) for producer in _producers(args[0], owners))
+            for producer in _producers(args[0], owners):
+                found.setdefault(id(producer.module), id(layer.module))
     return found
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from pytest_gradcheck.core.diagnosis import CAUSES, DIAGNOSED_RULES
 from pytest_gradcheck.core.findings import CheckResult, Finding
 from pytest_gradcheck.core.profile import GradientProfile, LayerStats
 
@@ -42,19 +43,43 @@ def layer_notes(profile: GradientProfile, layer: LayerStats, findings: list[Find
     return ", ".join(notes)
 
 
-def finding_lines(finding: Finding) -> list[str]:
+def finding_lines(finding: Finding, diagnosed: bool = False) -> list[str]:
     """The lines under a table for one finding."""
     marker = "FAIL" if finding.failing else "note"
-    return [f"  {marker} {finding.rule}: {finding.message}"] + cause_lines(finding)
+    return [f"  {marker} {finding.rule}: {finding.message}"] + cause_lines(finding, diagnosed)
 
 
-def cause_lines(finding: Finding) -> list[str]:
-    """The finding's best-ranked cause and its fix, one line each."""
+def cause_lines(finding: Finding, diagnosed: bool = False) -> list[str]:
+    """The finding's best-ranked cause and its fix, one line each.
+
+    With ``diagnosed`` (the diagnosis ran) a failing finding of a rule the diagnosis
+    explains, but no cause, says so, and what to try.
+    """
     if not finding.causes:
+        if diagnosed and finding.failing and finding.rule in DIAGNOSED_RULES:
+            return [
+                f"    cause: none of the known causes ({', '.join(CAUSES)}) explains it",
+                "    try: if the model trains in practice, probe it with its real loss (loss_fn=...), or set a "
+                "bound for it (@pytest.mark.gradient_health(...) or the keyword), and please report the model",
+            ]
         return []
     cause = finding.causes[0]
     lines = [f"    cause: {cause.summary or cause.cause}"]
     return lines + ([f"    fix: {cause.fix}"] if cause.fix else [])
+
+
+def time_lines(profile: GradientProfile) -> list[str]:
+    """One line per recurrent layer followed through time: how the gradient changes back over its steps."""
+    lines = []
+    for steps in profile.time:
+        ratio, per_step = steps.ratio, steps.per_step
+        change = f"{ratio:.3g} of the latest step's" if ratio is not None else "not measurable"
+        rate = f", {per_step:.3g}x per step back" if per_step is not None else ""
+        lines.append(
+            f"  time: {steps.layer} ({steps.kind}, {len(steps.steps)} steps): the gradient at the earliest step "
+            f"is {change}{rate}"
+        )
+    return lines
 
 
 def junit_properties(result: CheckResult) -> list[tuple[str, str]]:

@@ -7,7 +7,7 @@ import html
 from tabulate import tabulate
 
 from pytest_gradcheck.core.findings import CheckResult, failing
-from pytest_gradcheck.report.format import finding_lines, ratio_text
+from pytest_gradcheck.report.format import finding_lines, ratio_text, time_lines
 from pytest_gradcheck.report.table import BAR_COLUMN, layer_rows, summary_line, table_headers
 
 
@@ -36,8 +36,9 @@ def markdown_section(result: CheckResult) -> list[str]:
     lines.append(f"{summary_line(profile, findings)}  ")
     lines.append(f"bounds: {result.bounds.describe()}")
     lines += ["", _md_table(table_headers(profile), rows), ""]
+    lines += ["- " + line.strip() for line in time_lines(profile)]
     for finding in findings:
-        lines += ["- " + line.strip() for line in finding_lines(finding)]
+        lines += ["- " + line.strip() for line in finding_lines(finding, profile.activations is not None)]
     return lines + ["", "</details>", ""]
 
 

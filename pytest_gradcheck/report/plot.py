@@ -13,7 +13,8 @@ from typing import Any
 from pytest_gradcheck.core.bounds import Bounds
 from pytest_gradcheck.core.files import safe_name
 from pytest_gradcheck.core.findings import CheckResult, Finding, failing, verdict
-from pytest_gradcheck.core.profile import GradientProfile, LayerStats
+from pytest_gradcheck.core.profile import GradientProfile, LayerStats, TimeProfile
+from pytest_gradcheck.core.signal import signal_curve
 from pytest_gradcheck.errors import PlotUnavailable, SettingError
 from pytest_gradcheck.report.format import ratio_text
 
@@ -27,6 +28,7 @@ LABEL_LIMIT = 32  # characters of a layer name shown under its tick
 MAX_TICKS = 80  # beyond this, label every k-th layer (plus first and last) to keep names legible
 MAX_WIDTH = 22.0  # inches; wider charts are hard to view, so long models thin their labels instead
 CHAR_INCHES = 0.075  # width of one character of an 8-point tick label
+TIME_PANEL_HEIGHT = 2.4  # inches per recurrent layer's panel
 FILENAME_LIMIT = 150  # well under the 255-byte limit of common filesystems, leaving room for a suffix
 
 
@@ -108,9 +110,14 @@ def plot_profile(
     from matplotlib.figure import Figure
 
     labels = [short_label(layer.name) for layer in profile.layers]
-    figure = Figure(figsize=figure_size(labels), dpi=DPI, layout="constrained")
+    width, height = figure_size(labels)
+    panels = 1 + len(profile.time)  # one more panel per recurrent layer followed through time
+    figure = Figure(figsize=(width, height + TIME_PANEL_HEIGHT * len(profile.time)), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
-    draw(figure.add_subplot(), profile, findings, bounds, title=title)
+    axes = figure.subplots(panels, 1, squeeze=False, height_ratios=[height] + [TIME_PANEL_HEIGHT] * len(profile.time))
+    draw(axes[0][0], profile, findings, bounds, title=title)
+    for row, steps in zip(axes[1:], profile.time):
+        draw_time(row[0], steps)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=DPI)
@@ -149,7 +156,54 @@ def _draw(axes: Axes, profile: GradientProfile, findings: list[Finding], bounds:
     axes.set_xlabel("layer, in execution order")
     axes.set_ylabel("|grad| (log scale)")
     axes.grid(axis="y", which="major", alpha=0.3)
-    axes.legend(loc="best", fontsize="small", framealpha=0.85)
+    handles, names = axes.get_legend_handles_labels()
+    signal = _draw_signal(axes, profile, bounds, size)
+    if signal is not None:
+        more_handles, more_names = signal.get_legend_handles_labels()
+        handles, names = handles + more_handles, names + more_names
+    axes.legend(handles, names, loc="best", fontsize="small", framealpha=0.85)
+
+
+def _draw_signal(axes: Axes, profile: GradientProfile, bounds: Bounds, size: int) -> Axes | None:
+    """The forward signal beside the gradients, on its own log axis: each layer's input std over the first's."""
+    curve = dict(signal_curve(profile))
+    if len(curve) < 2:
+        return None
+    x = [index for index, layer in enumerate(profile.layers) if layer.name in curve]
+    values = [curve[profile.layers[index].name] for index in x]
+    signal_axes = axes.twinx()
+    signal_axes.set_yscale("log")
+    levels = [level for level in (bounds.min_signal, bounds.max_signal) if level]
+    low, high = _value_range(values + levels)
+    signal_axes.set_ylim(low / 3, high * 3)
+    signal_axes.plot(
+        x,
+        values,
+        marker="s",
+        markersize=size - 2,
+        linestyle="--",
+        color="tab:green",
+        label="forward signal (right axis)",
+    )
+    for level in levels:
+        signal_axes.axhline(level, color="tab:green", linestyle=":", linewidth=1)
+    signal_axes.set_ylabel("input std / first layer's (log scale)")
+    return signal_axes
+
+
+def draw_time(axes: Axes, steps: TimeProfile) -> None:
+    """The mean |grad| that reached each step of one recurrent layer, earliest step first."""
+    values = [_positive(value) for value in steps.steps]
+    low, high = _value_range(values)
+    axes.set_yscale("log")
+    axes.set_ylim(low / 3, high * 3)
+    axes.plot(range(len(values)), values, color="tab:purple", linewidth=1.5, label="mean |grad| at the step")
+    axes.set_xlabel(f"time step of {steps.layer} ({steps.kind})")
+    axes.set_ylabel("|grad| (log scale)")
+    ratio = steps.ratio
+    shown = "n/a" if ratio is None else f"{ratio:.3g}"
+    axes.set_title(f"{steps.layer} through time: earliest / latest step {shown}", fontsize="small")
+    axes.grid(axis="y", which="major", alpha=0.3)
 
 
 def _positive(value: float | None) -> float:

@@ -8,12 +8,15 @@ from tabulate import tabulate
 
 from pytest_gradcheck.core.findings import CheckResult, Finding, failing, verdict
 from pytest_gradcheck.core.profile import GradientProfile
-from pytest_gradcheck.report.format import cause_lines, finding_lines, layer_notes, number, ratio_text
+from pytest_gradcheck.core.signal import signal_curve
+from pytest_gradcheck.report.format import cause_lines, finding_lines, layer_notes, number, ratio_text, time_lines
 
 HEADERS = ["#", "layer", "kind", "params", "mean |grad|", "note"]
 BAR_COLUMN = HEADERS.index("mean |grad|") + 1
 # Shown after the bar when the probe measured them (probe(..., detail=True)).
 DETAIL_HEADERS = ["max |grad|", "grad norm", "weight norm", "zeros"]
+# The forward signal: the std of the layer's input over the first weight layer's input's.
+SIGNAL_HEADER = "signal"
 BAR_WIDTH = 12
 # Healthy profiles span well under three decades; a floor on the scale keeps their
 # bars near-full instead of stretching a 2x spread across the whole column.
@@ -79,6 +82,7 @@ def layer_rows(profile: GradientProfile, findings: list[Finding], indices: list[
     """One row per layer (or per index in ``indices``), with the log-scale bar of mean |grad|."""
     scale = bar_scale(profile)
     detailed = profile.detailed
+    signal = dict(signal_curve(profile)) or None
     rows = []
     for index in range(len(profile.layers)) if indices is None else indices:
         layer = profile.layers[index]
@@ -90,6 +94,9 @@ def layer_rows(profile: GradientProfile, findings: list[Finding], indices: list[
             number(layer.grad_mean_abs),
             grad_bar(layer.grad_mean_abs, scale),
         ]
+        if signal is not None:
+            value = signal.get(layer.name)
+            row.append(f"{value:.2g}" if value is not None else "")
         if detailed:
             row += [
                 number(layer.grad_max_abs),
@@ -104,6 +111,7 @@ def layer_rows(profile: GradientProfile, findings: list[Finding], indices: list[
 def table_headers(profile: GradientProfile) -> list[str]:
     """The column headers; the detail columns only where the probe measured them."""
     headers = HEADERS[:BAR_COLUMN] + [bar_header(bar_scale(profile))]
+    headers += [SIGNAL_HEADER] if signal_curve(profile) else []
     return headers + (DETAIL_HEADERS if profile.detailed else []) + HEADERS[BAR_COLUMN:]
 
 
@@ -139,9 +147,11 @@ def render_table(
             f"  ... {hidden} of {len(profile.layers)} layers left out (grad_report_max_rows = {max_rows}; "
             "0 shows all); the report files hold every layer"
         )
+    lines += time_lines(profile)
+    diagnosed = profile.activations is not None
     for finding in findings:
         if not (failing_shown_above and finding.failing):
-            lines += finding_lines(finding)
+            lines += finding_lines(finding, diagnosed)
     return "\n".join(lines)
 
 
@@ -150,7 +160,7 @@ def render_failure(profile: GradientProfile, findings: list[Finding], max_rows: 
     bad = failing(findings)
     head = [f"gradient health check failed for {profile.model}:"]
     for finding in bad:
-        head += [f"  {finding.rule}: {finding.message}"] + cause_lines(finding)
+        head += [f"  {finding.rule}: {finding.message}"] + cause_lines(finding, profile.activations is not None)
     table = render_table(profile, findings, max_rows=max_rows, failing_shown_above=True)
     return "\n".join(head) + "\n\n" + table
 
