@@ -69,7 +69,12 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 # Smallest input a torchvision model accepts in train mode (measured: inception_v3's
 # auxiliary head needs a 17x17 Mixed_6e map, which 299 gives and 298 does not).
-MIN_IMAGE_SIZE = {"inception_v3": 299}
+# Models that take only one input size, or none smaller than this: fixed position tables (ViT)
+# and window partitions (MaxViT) at 224, Inception's stride at 299.
+MIN_IMAGE_SIZE = {
+    "inception_v3": 299, "maxvit_t": 224,
+    **dict.fromkeys(("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14"), 224),
+}  # fmt: skip
 
 TIMM_MODELS = (
     "resnet50", "resnet50d", "seresnext26d_32x4d", "regnety_016", "regnetz_b16", "repvgg_a2",
@@ -492,6 +497,7 @@ BROKEN = {
     "lstm_200": ("fails", lambda: RecurrentNet(nn.LSTM), sequence(200), "nn.LSTM 32->128, 200 steps"),
     "rnncell_loop_200": ("fails", CellLoop, sequence(200), "nn.RNNCell 32->128 loop, input every step, 200 steps"),
     "gru_20": ("trains", lambda: RecurrentNet(nn.GRU), sequence(20), "nn.GRU 32->128, 20 steps"),
+    "lstm_20": ("trains", lambda: RecurrentNet(nn.LSTM), sequence(20), "nn.LSTM 32->128, 20 steps"),
     "seed_SigmoidNet": ("fails", lambda: seed_network("SigmoidNet"), vector(64), "examples/seed_networks.py"),
     "seed_SmallInitNet": ("fails", lambda: seed_network("SmallInitNet"), vector(64), "examples/seed_networks.py"),
     "seed_ReLUNet": ("trains", lambda: seed_network("ReLUNet"), vector(64), "examples/seed_networks.py"),

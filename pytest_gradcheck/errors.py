@@ -11,7 +11,25 @@ if TYPE_CHECKING:
 
 
 class ProbeError(ValueError):
-    """The model could not be probed: bad model, bad inputs or an unusable output."""
+    """The model could not be probed: bad model, bad inputs or an unusable output.
+
+    ``problem`` is what went wrong; where the fix is other inputs, ``inputs_shape`` is a shape
+    that fits the model's first layer as far as its weights show (``...`` where they do not),
+    and the message ends with advice in Python terms. The command line words that advice
+    for its own options instead.
+    """
+
+    def __init__(self, problem: str, *, inputs_shape: Sequence[int | str] | None = None) -> None:
+        self.problem = problem
+        self.inputs_shape = tuple(inputs_shape) if inputs_shape is not None else None
+        advice = ""
+        if self.inputs_shape is not None:
+            example = f"torch.randn({', '.join(str(size) for size in self.inputs_shape)})"
+            advice = (
+                f"; pass inputs= that fit its forward(), e.g. gradient_health(model, inputs={example}) or "
+                "probe(model, inputs={'input_ids': ids}); a zero-argument callable that returns them works too"
+            )
+        super().__init__(problem + advice)
 
 
 class GradientHealthError(AssertionError):

@@ -55,10 +55,14 @@ def assess(
     report or plot shows them); the ``max_grad`` bound asks for them by itself.
 
     Keyword bounds (``min_ratio=0.05``, ``max_ratio="off"``, ...) override ``bounds``, or
-    the defaults when it is None.
+    the defaults when it is None. ``model`` may also be a model class or a zero-argument
+    factory: it is built under ``seed``, so its initial weights are the same in every run.
     """
     __tracebackhide__ = True
-    from pytest_gradcheck.probing.runner import ModelRun  # torch is imported here, never at plugin load
+    from pytest_gradcheck.probing.model_io import model_from  # torch is imported here, never at plugin load
+    from pytest_gradcheck.probing.runner import ModelRun
+
+    model = model_from(model, seed)
 
     if bounds is None or overrides:
         bounds = resolve(bounds.to_dict() if bounds else {}, overrides)

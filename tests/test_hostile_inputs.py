@@ -67,7 +67,7 @@ class Returns(nn.Module):
     [
         (lambda hidden: "logits", "a str"),
         (lambda hidden: None, "a NoneType"),
-        (lambda hidden: hidden.argmax(-1), "a int64 tensor of shape [8]"),
+        (lambda hidden: hidden.argmax(-1), "an int64 tensor of shape [8]"),
         (lambda hidden: {"ids": hidden.argmax(-1), "note": "x"}, "a dict"),
     ],
     ids=["str", "None", "int-tensor", "dict-without-floats"],

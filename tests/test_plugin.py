@@ -118,8 +118,8 @@ def test_failure_names_the_rule_with_numbers_shows_the_table_and_points_at_the_t
             "(first layer fc1 mean |grad| *, last layer fc2 mean |grad| *)",
             "E       Scaled: first/last ratio 0.001 (fc1 / fc2), verdict: vanishing",
             "E       #*layer*kind*params*mean |grad|*",
-            "E       0*fc1*Linear*64*first, vanishing",
-            "E       1*fc2*Linear*64*last, vanishing",
+            "E       0*fc1*Linear*64*ratio: first",
+            "E       1*fc2*Linear*64*ratio: last",
             "test_fixture.py:12: GradientHealthError",
         ]
     )

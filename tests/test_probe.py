@@ -11,7 +11,6 @@ from unittest import mock
 import pytest
 import torch
 from helpers.models import (
-    default_loss,
     Branches,
     Classifier,
     Detached,
@@ -24,6 +23,7 @@ from helpers.models import (
     TwoInputs,
     WideTiedLM,
     WithPooler,
+    default_loss,
     mlp,
 )
 from helpers.state import assert_untouched, snapshot
@@ -375,7 +375,7 @@ def test_loss_fn_must_return_a_scalar():
 
 
 def test_output_without_a_floating_tensor_is_a_clear_error():
-    with pytest.raises(ProbeError, match=r"Branches returned a int64 tensor.*no floating-point tensor.*loss_fn="):
+    with pytest.raises(ProbeError, match=r"Branches returned an int64 tensor.*no floating-point tensor.*loss_fn="):
         probe(Branches("integers"), torch.randn(5, 4))
 
 
@@ -654,7 +654,7 @@ def test_layer_stats_fields_keep_the_order_the_probe_fills_them_in():
         "name", "kind", "numel", "grad_mean_abs", "finite", "all_zero", "executed", "received_grad",
         "has_matrix", "is_norm", "shared_with", "unused_parameters",
         "grad_max_abs", "grad_norm", "weight_norm", "zero_fraction",
-        "role", "input_std", "scale_invariance", "normalised", "output_std", "shares_input_with", "zero_init",
+        "role", "input_std", "scale_invariance", "normalised", "output_std", "shares_input_with", "gate",
     ]  # fmt: skip
 
 

@@ -64,15 +64,25 @@ def test_bar_grows_one_step_per_equal_factor_of_mean_grad():
     assert set("".join(bars)) == {"#"}
 
 
-def test_bar_scale_spans_at_least_three_decades_so_a_healthy_profile_stays_full():
-    profile = make_profile(*[make_layer(f"fc{i}", 0.1 * (1 + i / 4)) for i in range(4)], model="Healthy")
+def test_bars_are_relative_to_the_last_layer_on_one_axis_in_every_table():
+    balanced = make_profile(*[make_layer(f"fc{i}", 0.1 * (1 + i / 4)) for i in range(4)], model="Healthy")
+    other = make_profile(*[make_layer(f"fc{i}", 1e3 * (1 + i / 4)) for i in range(4)], model="Large")
+
+    low, high = bar_scale(balanced)
+
+    assert (low, high) == pytest.approx((0.175e-4, 0.175e2))
+    # The same ratios draw the same bars, whatever the gradients' absolute size.
+    assert table_rows(render_table(balanced, []))[0][5] == table_rows(render_table(other, []))[0][5]
+    assert "vs last, log 1e-04..1e+02" in render_table(balanced, []).splitlines()[1]
+
+
+def test_without_a_last_layer_the_bar_scale_is_the_profiles_own_at_least_three_decades():
+    profile = make_profile(make_layer("norm", 0.1, is_norm=True), model="NormOnly")  # no layer to pick
 
     low, high = bar_scale(profile)
-    bars = [grad_bar(stats.grad_mean_abs, (low, high)) for stats in profile.layers]
 
-    assert high == pytest.approx(0.175)
-    assert low == pytest.approx(high / 1000)
-    assert min(len(bar) for bar in bars) >= 10
+    assert high == pytest.approx(0.1)
+    assert low == pytest.approx(1e-4)
 
 
 def test_zero_missing_and_non_finite_gradients_draw_no_bar():
@@ -90,8 +100,9 @@ def test_table_shows_the_bar_column_and_its_scale():
     text = render_table(profile, [])
     rows = table_rows(text)
 
-    assert "log 1e-05..1e+00" in text.splitlines()[1]
-    assert [row[5] for row in rows] == ["#", "########", "############"]
+    assert "vs last, log 1e-04..1e+02" in text.splitlines()[1]
+    # 1e-5 of the last is clipped to the axis' low end; 1e-2 sits 2 of its 6 decades up, 1.0 at 4.
+    assert [row[5] for row in rows] == ["#", "#####", "########"]
 
 
 def test_150_layer_table_fits_40_rows_and_keeps_its_worst_layers(deep_profile):

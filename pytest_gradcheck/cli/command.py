@@ -280,7 +280,7 @@ def probe_target(args: argparse.Namespace, bounds: Bounds, dtypes: list[str]) ->
     device = place(args.device)
     torch.manual_seed(args.seed)  # before loading: the model's initial weights depend on it
     try:
-        model = load_model(args.target)
+        model = load_model(args.target, args.seed)
     except TargetError as error:
         raise CommandLineError(f"cannot load {args.target!r}: {error}") from None
     try:
@@ -291,7 +291,13 @@ def probe_target(args: argparse.Namespace, bounds: Bounds, dtypes: list[str]) ->
     try:
         profile, findings = assess(model, inputs, bounds=bounds, seed=args.seed, detail=True)
     except ProbeError as error:
-        raise CommandLineError(f"cannot probe {args.target!r}: {error}") from None
+        if error.inputs_shape is None:
+            raise CommandLineError(f"cannot probe {args.target!r}: {error}") from None
+        shape = ",".join(str(size) for size in error.inputs_shape)
+        raise CommandLineError(
+            f"cannot probe {args.target!r}: {error.problem}; give the shape of each positional input of "
+            f"forward() with --input-shape, e.g. --input-shape {shape} (and --input-dtype int64 for token ids)"
+        ) from None
     return CheckResult(args.target, None, profile, bounds, findings)
 
 

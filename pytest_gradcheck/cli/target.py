@@ -19,12 +19,13 @@ from pytest_gradcheck.errors import TargetError
 USAGE = "TARGET must look like package.module:attr or path/to/file.py:attr"
 
 
-def load_model(target: str) -> nn.Module:
-    """The nn.Module that ``target`` names: an instance, a no-argument subclass or a factory."""
+def load_model(target: str, seed: int = 0) -> nn.Module:
+    """The nn.Module that ``target`` names: an instance, or one a no-argument subclass or
+    factory builds under ``seed``."""
     module_part, attr_part = split_target(target)
     module = load_module(module_part)
     obj = lookup_attribute(module, module_part, attr_part)
-    return instantiate(obj, f"{module_part}:{attr_part}")
+    return instantiate(obj, f"{module_part}:{attr_part}", seed)
 
 
 def split_target(target: str) -> tuple[str, str]:
@@ -121,43 +122,8 @@ def _candidates(module: ModuleType) -> list[str]:
     return names
 
 
-def instantiate(obj: Any, where: str) -> nn.Module:
-    if isinstance(obj, nn.Module):
-        return obj
-    if inspect.isclass(obj) and not issubclass(obj, nn.Module):
-        raise TargetError(f"{where} is the class {obj.__name__}, which is not an nn.Module subclass")
-    if not callable(obj):
-        raise TargetError(
-            f"{where} is of type {type(obj).__name__}, not an nn.Module instance, "
-            "an nn.Module subclass or a zero-argument factory"
-        )
-    _require_no_arguments(obj, where)
-    try:
-        model = obj()
-    except Exception as error:
-        raise TargetError(f"calling {where}() failed: {type(error).__name__}: {error}") from None
-    if not isinstance(model, nn.Module):
-        raise TargetError(f"{where}() returned a value of type {type(model).__name__}, not an nn.Module")
-    return model
+def instantiate(obj: Any, where: str, seed: int = 0) -> nn.Module:
+    """The model ``obj`` is, or builds under ``seed``."""
+    from pytest_gradcheck.probing.model_io import model_from
 
-
-def _require_no_arguments(obj: Any, where: str) -> None:
-    try:
-        signature = inspect.signature(obj)
-    except (TypeError, ValueError):  # builtins without a signature: just try the call
-        return
-    try:
-        signature.bind()
-    except TypeError:
-        needed = [
-            name
-            for name, param in signature.parameters.items()
-            if param.default is param.empty
-            and param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
-        ]
-        kind = "constructor" if inspect.isclass(obj) else "factory"
-        raise TargetError(
-            f"{kind} needs arguments: {where}({', '.join(needed)}); point TARGET at a model "
-            "instance or at a zero-argument function that builds it, e.g. def make(): "
-            f"return {where.rpartition(':')[2]}(...)"
-        ) from None
+    return model_from(obj, seed, where, TargetError)

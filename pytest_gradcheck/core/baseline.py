@@ -26,6 +26,11 @@ DEFAULT_TOLERANCE = 2.0
 # Measured only when a report or plot asks for them (probe(..., detail=True)), and not
 # compared: kept out of the file, it does not change with the options of the run.
 _DETAIL_LAYER_FIELDS = ("grad_max_abs", "grad_norm", "weight_norm", "zero_fraction")
+# The forward signal, the output's scale and the steps in time: checked on every run from the
+# profile itself, never compared with a baseline, so kept out of the file too. What decides
+# the ratio's first and last layers (roles, gates, siblings, the output layer) stays in.
+_SIGNAL_LAYER_FIELDS = ("input_std", "scale_invariance", "normalised", "output_std")
+_SIGNAL_FIELDS = ("output_std", "expected_loss", "time")
 
 
 # -- where baselines live ----------------------------------------------------------
@@ -66,9 +71,10 @@ def dumps_baseline(profile: GradientProfile) -> str:
     """The baseline text of ``profile``: sorted keys, rounded floats, one trailing newline."""
     data = strict_json(profile.to_dict(), SIGNIFICANT_DIGITS)
     # Only mean |grad| is compared; diagnosis data and the detail statistics would only make the file churn.
-    data.pop("activations", None)
+    for key in ("activations", *_SIGNAL_FIELDS):
+        data.pop(key, None)
     for layer in data["layers"]:
-        for key in _DETAIL_LAYER_FIELDS:
+        for key in (*_DETAIL_LAYER_FIELDS, *_SIGNAL_LAYER_FIELDS):
             layer.pop(key, None)
     data["schema_version"] = SCHEMA_VERSION
     return json.dumps(data, sort_keys=True, indent=2, allow_nan=False) + "\n"
@@ -102,13 +108,20 @@ def loads_baseline(text: str, source: str = "<string>") -> GradientProfile:
 
 # The fields of a baseline and of each of its layers, with the JSON types they must have.
 _NUMBER, _OPTIONAL_NUMBER, _STRINGS = "number", "number or null", "list of strings"
+_OPTIONAL_STRING, _OPTIONAL_INT = "string or null", "integer or null"
 _TOP_FIELDS = {"model": str, "layers": list, "loss": _NUMBER, "seed": int, "device": str, "dtype": str}
-_TOP_OPTIONAL = {"input_shapes": _STRINGS}
+_TOP_OPTIONAL = {
+    "input_shapes": _STRINGS, "loss_kind": str, "output_layer": _OPTIONAL_STRING,
+    "output_softmax_share": _OPTIONAL_NUMBER, "output_classes": _OPTIONAL_INT,
+}  # fmt: skip
 _LAYER_FIELDS = {
     "name": str, "kind": str, "numel": int, "grad_mean_abs": _NUMBER, "finite": bool, "executed": bool,
     "received_grad": bool, "has_matrix": bool, "is_norm": bool, "shared_with": _STRINGS, "unused_parameters": _STRINGS,
 }  # fmt: skip
-_LAYER_OPTIONAL = {"all_zero": bool, **dict.fromkeys(_DETAIL_LAYER_FIELDS, _OPTIONAL_NUMBER)}
+_LAYER_OPTIONAL = {
+    "all_zero": bool, "role": _OPTIONAL_STRING, "gate": _OPTIONAL_NUMBER, "shares_input_with": _STRINGS,
+    **dict.fromkeys(_DETAIL_LAYER_FIELDS, _OPTIONAL_NUMBER),
+}  # fmt: skip
 # How strict JSON (and this package's files) spell the floats JSON has no literal for.
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
@@ -120,7 +133,7 @@ def _schema_problem(data: dict[str, Any]) -> str | None:
         return problem
     for index, layer in enumerate(data["layers"]):
         if not isinstance(layer, dict):
-            return f"layer {index} is a {type(layer).__name__}, not an object"
+            return f"layer {index} is {_article(type(layer).__name__)}, not an object"
         problem = _fields_problem(layer, _LAYER_FIELDS, _LAYER_OPTIONAL, f"layer {index}")
         if problem:
             return problem
@@ -134,13 +147,23 @@ def _fields_problem(data: dict[str, Any], required: dict[str, Any], optional: di
                 return f"{where} has no {key!r}"
             continue
         if not _is(data[key], kind):
-            return f"{key!r} of {where} is {json.dumps(data[key])[:40]}, not a {getattr(kind, '__name__', kind)}"
+            return (
+                f"{key!r} of {where} is {json.dumps(data[key])[:40]}, not {_article(getattr(kind, '__name__', kind))}"
+            )
     return None
+
+
+def _article(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeio' else 'a'} {noun}"
 
 
 def _is(value: Any, kind: Any) -> bool:
     if kind is _OPTIONAL_NUMBER:
         return value is None or _is(value, _NUMBER)
+    if kind is _OPTIONAL_STRING:
+        return value is None or isinstance(value, str)
+    if kind is _OPTIONAL_INT:
+        return value is None or _is(value, int)
     if kind is _NUMBER:
         return value in _NON_FINITE or (isinstance(value, (int, float)) and not isinstance(value, bool))
     if kind is _STRINGS:
@@ -156,7 +179,11 @@ def _profile_from(data: dict[str, Any]) -> GradientProfile:
         for key in _DETAIL_LAYER_FIELDS:  # files written before they were left out
             if layer.get(key) is not None:
                 layer[key] = _number(layer[key])
+        if layer.get("gate") is not None:
+            layer["gate"] = _number(layer["gate"])
     data["loss"] = _number(data["loss"])
+    for key in _SIGNAL_FIELDS:  # a hand-edited file's extras: not compared
+        data.pop(key, None)
     return GradientProfile.from_dict(data)
 
 
@@ -242,6 +269,23 @@ class BaselineComparison:
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     renamed: list[tuple[str, str]] = field(default_factory=list)
+    baseline_model: str | None = None  # the model's name (its class) when the baseline was recorded
+    baseline_loss_kind: str | None = None
+    loss_kind: str | None = None
+
+    @property
+    def model_changed(self) -> bool:
+        """Whether the baseline was recorded from a model of another name (another class)."""
+        return self.baseline_model is not None and self.baseline_model != self.model
+
+    @property
+    def loss_changed(self) -> bool:
+        """Whether the baseline's gradients came from another kind of loss: then nothing compares."""
+        return (
+            self.baseline_loss_kind is not None
+            and self.loss_kind is not None
+            and self.baseline_loss_kind != self.loss_kind
+        )
 
     @property
     def ratio_factor(self) -> float | None:
@@ -260,7 +304,7 @@ class BaselineComparison:
 
     @property
     def passed(self) -> bool:
-        return not (self.moved or self.ratio_moved or self.added or self.removed or self.renamed)
+        return not (self.loss_changed or self.moved or self.ratio_moved or self.added or self.removed or self.renamed)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -274,6 +318,9 @@ class BaselineComparison:
             "added": list(self.added),
             "removed": list(self.removed),
             "renamed": [list(pair) for pair in self.renamed],
+            "baseline_model": self.baseline_model,
+            "baseline_loss_kind": self.baseline_loss_kind,
+            "loss_kind": self.loss_kind,
         }
 
 
@@ -317,6 +364,9 @@ def compare_baseline(
         added=[d.name for d in deltas if d.status == "added"],
         removed=[d.name for d in deltas if d.status == "removed"],
         renamed=[(d.renamed_from or "", d.name) for d in deltas if d.status == "renamed"],
+        baseline_model=baseline.model,
+        baseline_loss_kind=baseline.loss_kind,
+        loss_kind=profile.loss_kind,
     )
 
 

@@ -7,9 +7,10 @@ from collections.abc import Callable
 from typing import Any
 
 from pytest_gradcheck.core.bounds import Bounds, resolve
+from pytest_gradcheck.core.fairness import backward_ratio, is_scale_invariant, smallest_gate, stack_copy
 from pytest_gradcheck.core.findings import Finding
 from pytest_gradcheck.core.profile import ActivationStats, GradientProfile, LayerStats
-from pytest_gradcheck.core.signal import backward_ratio, is_scale_invariant, signal_findings
+from pytest_gradcheck.core.signal import signal_findings
 from pytest_gradcheck.errors import SettingError
 
 
@@ -42,48 +43,81 @@ def _ratio_findings(profile: GradientProfile, bounds: Bounds) -> list[Finding]:
         f"first layer {first.name} mean |grad| {first.grad_mean_abs:.3g}, "
         f"last layer {last.name} mean |grad| {last.grad_mean_abs:.3g}"
     )
-    backward = backward_ratio(profile)
     if bounds.min_ratio is not None and ratio < bounds.min_ratio:
-        if backward is not None and backward >= bounds.min_ratio:
-            return [_signal_explained("vanishing", pair, ratio, bounds.min_ratio, backward, numbers, first, last)]
-        message = f"vanishing gradients: first/last ratio {ratio:.3g} < min_ratio {bounds.min_ratio:g} ({numbers})"
-        return [Finding("vanishing", pair, message, True, ratio, bounds.min_ratio)]
-    if bounds.max_ratio is not None and ratio > bounds.max_ratio:
-        if backward is not None and backward <= bounds.max_ratio:
-            return [_signal_explained("exploding", pair, ratio, bounds.max_ratio, backward, numbers, first, last)]
-        if is_scale_invariant(first):
-            # A weight followed by normalisation: its gradient shrinks as the weight grows, so a
-            # large one corrects itself (Arora et al. 2019, Hoffer et al. 2018). Said, not failed.
-            message = (
-                f"first/last ratio {ratio:.3g} is above max_ratio {bounds.max_ratio:g} ({numbers}), but {first.name}'s "
-                f"weights are scale-invariant (|cos(grad, weight)| {first.scale_invariance:.2g}: normalisation follows "
-                "them), and a large gradient of a scale-invariant weight shrinks as the weight grows; not failing"
+        rule, bound, name, side = "vanishing", bounds.min_ratio, "min_ratio", "below"
+    elif bounds.max_ratio is not None and ratio > bounds.max_ratio:
+        rule, bound, name, side = "exploding", bounds.max_ratio, "max_ratio", "above"
+    else:
+        return []
+    reason = _not_depth(profile, rule, bounds)
+    if reason is None:
+        sign = "<" if rule == "vanishing" else ">"
+        message = f"{rule} gradients: first/last ratio {ratio:.3g} {sign} {name} {bound:g} ({numbers})"
+        return [Finding(rule, pair, message, True, ratio, bound)]
+    message = f"first/last ratio {ratio:.3g} is {side} {name} {bound:g} ({numbers}), but {reason}; not failing"
+    return [Finding(rule, pair, message, False, ratio, bound)]
+
+
+def _within(value: float | None, bounds: Bounds) -> bool:
+    if value is None or math.isnan(value):
+        return False
+    low = bounds.min_ratio if bounds.min_ratio is not None else 0.0
+    high = bounds.max_ratio if bounds.max_ratio is not None else math.inf
+    return low <= value <= high
+
+
+def _not_beyond(value: float | None, rule: str, bounds: Bounds) -> bool:
+    """Whether ``value`` stays on the healthy side of the bound that ``rule`` crossed."""
+    if value is None or math.isnan(value):
+        return False
+    if rule == "vanishing":
+        return bounds.min_ratio is None or value >= bounds.min_ratio
+    return bounds.max_ratio is None or value <= bounds.max_ratio
+
+
+def _not_depth(profile: GradientProfile, rule: str, bounds: Bounds) -> str | None:
+    """Why a ratio out of bounds is not the backward signal vanishing or exploding with depth, or None.
+
+    Each reason is a measured mechanism (docs, "Rules"): the forward signal, scale invariance,
+    the layers' own gains seen against a stack of repeated blocks, and small constant gates.
+    """
+    first, last = profile.first, profile.last
+    assert first is not None and last is not None
+    backward = backward_ratio(profile)
+    if _not_beyond(backward, rule, bounds):
+        return (
+            f"a weight's gradient scales with its input, and {last.name}'s input has {_relative(first, last):.3g} "
+            f"times the std of {first.name}'s: the backward signal itself changes by {backward:.3g}, not "
+            f"{'below min_ratio' if rule == 'vanishing' else 'above max_ratio'}, and the forward signal rule "
+            "judges the rest"
+        )
+    if rule == "exploding" and is_scale_invariant(first):
+        # A weight followed by normalisation: its gradient shrinks as the weight grows, so a
+        # large one corrects itself (Arora et al. 2019, Hoffer et al. 2018).
+        return (
+            f"{first.name}'s weights are scale-invariant (|cos(grad, weight)| is {first.scale_invariance:.2g} of "
+            "its chance level: normalisation follows them), and a large gradient of a scale-invariant weight "
+            "shrinks as the weight grows"
+        )
+    stack = stack_copy(profile, first)
+    if stack is not None and _within(stack.ratio, bounds):
+        return (
+            f"{first.name} and its copy in the last of {stack.blocks} repeated blocks, {stack.copy.name}, read "
+            f"{stack.ratio:.3g}: the gradient keeps its size through the stack, so the gap lies in the layers "
+            "around it (a narrow or small-init head, a pooler, a branch's own gain), not in depth"
+        )
+    gate = smallest_gate(profile)
+    if rule == "vanishing" and gate is not None and bounds.min_ratio is not None:
+        value, holders = gate
+        ratio = profile.ratio or 0.0
+        if ratio >= bounds.min_ratio * value:
+            return (
+                f"the model holds gains at the constant {value:.2g} at init ({_listed(holders)}: LayerScale, "
+                "ReZero or SkipInit gates), which scale the gradients of the layers behind them by that much "
+                f"until training grows them; a ratio down to min_ratio x {value:.2g} = "
+                f"{bounds.min_ratio * value:.2g} is the gates', not depth"
             )
-            return [Finding("exploding", pair, message, False, ratio, bounds.max_ratio)]
-        message = f"exploding gradients: first/last ratio {ratio:.3g} > max_ratio {bounds.max_ratio:g} ({numbers})"
-        return [Finding("exploding", pair, message, True, ratio, bounds.max_ratio)]
-    return []
-
-
-def _signal_explained(
-    rule: str,
-    pair: list[str],
-    ratio: float,
-    bound: float,
-    backward: float,
-    numbers: str,
-    first: LayerStats,
-    last: LayerStats,
-) -> Finding:
-    """A ratio out of bounds that the forward signal accounts for: said, not failed."""
-    name = "min_ratio" if rule == "vanishing" else "max_ratio"
-    message = (
-        f"first/last ratio {ratio:.3g} is {'below' if rule == 'vanishing' else 'above'} {name} {bound:g} ({numbers}), "
-        f"but a weight's gradient scales with its input, and {last.name}'s input has {_relative(first, last):.3g} "
-        f"times the std of {first.name}'s: the backward signal itself changes by {backward:.3g}, within the "
-        "bounds; the forward signal rule judges the rest; not failing"
-    )
-    return Finding(rule, pair, message, False, ratio, bound)
+    return None
 
 
 def _relative(first: LayerStats, last: LayerStats) -> float:
@@ -130,8 +164,8 @@ def _dead_findings(profile: GradientProfile) -> list[Finding]:
     if gated:
         shown = ", ".join(gates[:4]) + (f" and {len(gates) - 4} more" if len(gates) > 4 else "")
         message = (
-            f"zero-initialised gates: the parameters of {shown} are exactly zero at init, so the "
-            f"{len(gated)} layer(s) before them get no gradient yet ({_listed(gated)}); they are not measurable "
+            f"zero-initialised gates: {shown} hold exactly-zero gains or weights at init, so the "
+            f"{len(gated)} layer(s) behind them get no gradient yet ({_listed(gated)}); they are not measurable "
             "until the first step moves the gates off zero (zero-init residuals and heads: Goyal et al. 2017, "
             "Fixup, SkipInit, ReZero); not failing"
         )
@@ -143,21 +177,25 @@ def _dead_findings(profile: GradientProfile) -> list[Finding]:
 
 
 def zero_gates(profile: GradientProfile) -> tuple[list[str], list[str]]:
-    """(zero gates, the layers behind them): exactly-zero weights that pass no gradient back, yet get one.
+    """(zero gates, the layers behind them): exactly-zero gains or weights that pass no gradient back, yet get one.
 
-    A layer whose non-bias parameters are all exactly zero multiplies what flows back
-    through it by zero, while its own gradient is not zero. The layers that ran before the
-    last such gate and got no gradient are behind a gate, not dead: the first step moves it.
+    A layer that multiplies its output by an exactly-zero parameter (a zero BN gamma, a
+    zero SkipInit gain, a zero-initialised head) passes nothing back, while its own gain
+    gets a gradient. Behind such a gate, and so not dead, are the layers that got no
+    gradient and ran before the last gate, or sit in a gate's own block (a squeeze-excite
+    branch after a zero gamma reads only zeros): the first step moves the gate.
     """
-    gates = [
-        index
-        for index, layer in enumerate(profile.layers)
-        if layer.zero_init and layer.received_grad and not layer.all_zero
-    ]
+    gates = [layer for layer in profile.layers if layer.gate == 0.0 and layer.received_grad and not layer.all_zero]
     if not gates:
         return [], []
-    behind = [layer.name for layer in profile.layers[: gates[-1]] if layer.dead]
-    return [profile.layers[index].name for index in gates], behind
+    last = max(profile.layers.index(gate) for gate in gates)
+    blocks = tuple(gate.name.rsplit(".", 1)[0] + "." for gate in gates if "." in gate.name)
+    behind = [
+        layer.name
+        for index, layer in enumerate(profile.layers)
+        if layer.dead and (index < last or layer.name.startswith(blocks))
+    ]
+    return [gate.name for gate in gates], behind
 
 
 def _listed(names: list[str]) -> str:

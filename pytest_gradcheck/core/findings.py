@@ -86,6 +86,7 @@ class CheckResult:
     profile: GradientProfile
     bounds: Bounds
     findings: list[Finding]
+    expected_failure: bool = False  # the test is marked xfail and did fail: the report says so
 
     @property
     def verdict(self) -> str:
@@ -100,6 +101,7 @@ class CheckResult:
             "nodeid": self.nodeid,
             "name": self.name,
             "verdict": self.verdict,
+            "expected_failure": self.expected_failure,
             "ratio": self.profile.ratio,
             "bounds": self.bounds.to_dict(),
             "findings": [finding.to_dict() for finding in self.findings],
@@ -114,4 +116,5 @@ class CheckResult:
             profile=GradientProfile.from_dict(data["profile"]),
             bounds=Bounds(**data["bounds"]),
             findings=[Finding.from_dict(item) for item in data["findings"]],
+            expected_failure=bool(data.get("expected_failure", False)),
         )

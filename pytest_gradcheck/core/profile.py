@@ -20,12 +20,15 @@ class LayerStats:
     table) or "container" (a model's own module holding tokens, tables or gains next to
     its submodules); None in files written before it was measured. ``input_std`` is the std
     of its first input: the forward signal.
-    ``scale_invariance`` is |cos| between its weights and their gradient, measured for the
-    first weight layers (0 when normalisation follows it); ``normalised`` says whether its
-    output goes straight into a normalisation layer, and ``output_std`` is then the std of
-    that output; ``shares_input_with`` names the layers that read the very same input (the
-    query, key and value projections of one attention); ``zero_init`` says whether its
-    parameters other than biases are all exactly zero, measured when a layer got no gradient.
+    ``scale_invariance`` is |cos| between its weight and the weight's gradient in units of
+    the chance level 1/sqrt(n), measured for the first weight layers: about 1 for an ordinary
+    weight, near 0 when normalisation follows it. ``normalised`` says whether its output
+    reaches a normalisation layer through element-wise activations at most, and
+    ``output_std`` is then the std of what that layer receives; ``shares_input_with`` names
+    the layers that read the very same input (the query, key and value projections of one
+    attention); ``gate`` is the constant, at most 1e-3 in magnitude, that one of its gains
+    holds at init (a LayerScale, ReZero or SkipInit gain, a zero BN gamma) or 0.0 for an
+    exactly-zero weight matrix (read when some layer got no gradient), else None.
     """
 
     name: str
@@ -50,17 +53,22 @@ class LayerStats:
     normalised: bool | None = None
     output_std: float | None = None
     shares_input_with: list[str] = field(default_factory=list)
-    zero_init: bool | None = None
+    gate: float | None = None
 
     @property
     def pickable(self) -> bool:
-        """Whether this layer may serve as the ratio's first or last layer: a weight layer with a gradient."""
+        """Whether this layer may serve as the ratio's first or last layer: a weight layer with a gradient.
+
+        Not a norm, an embedding table, a container's own tokens, nor a layer holding a gate: its
+        mean |grad| is the gate's, over weights the gate still holds at (almost) nothing.
+        """
         return (
             self.has_matrix
             and self.received_grad
             and self.grad_mean_abs > 0.0  # a weight with no gradient at all is the dead rule's, not the ratio's
             and not self.is_norm
             and self.role not in ("lookup", "container")
+            and self.gate is None
         )
 
     @property
@@ -169,11 +177,30 @@ class TimeProfile:
 
     @property
     def per_step(self) -> float | None:
-        """The factor the gradient changes by per step back in time (geometric mean), or None."""
+        """The factor the gradient changes by per step back in time (geometric mean), or None.
+
+        Taken over the steps back to the earliest one the gradient still reaches: where it
+        underflows to exactly 0 further back, those steps say nothing about the rate.
+        """
         ratio = self.ratio
-        if ratio is None or ratio <= 0.0:
+        if ratio is None:
             return None
-        return ratio ** (1.0 / (len(self.steps) - 1))
+        latest = self.steps[-1]
+        for back, value in enumerate(reversed(self.steps[:-1]), start=1):
+            if value == 0.0:
+                if back == 1:
+                    return 0.0
+                reached = self.steps[-back]
+                return (reached / latest) ** (1.0 / (back - 1))
+        return ratio ** (1.0 / (len(self.steps) - 1)) if ratio > 0.0 else None
+
+    @property
+    def reached(self) -> int:
+        """How many steps back from the latest the gradient is still non-zero (all of them: len - 1)."""
+        for back, value in enumerate(reversed(self.steps[:-1]), start=1):
+            if value == 0.0:
+                return back - 1
+        return len(self.steps) - 1
 
 
 @dataclass
@@ -203,7 +230,6 @@ class GradientProfile:
     output_classes: int | None = None
     expected_loss: float | None = None
     output_layer: str | None = None
-    input_grads: dict[str, float] = field(default_factory=dict)
     time: list[TimeProfile] = field(default_factory=list)
     # None unless the instrumented activation pass ran (pytest_gradcheck.assess decides when).
     activations: ActivationProfile | None = None

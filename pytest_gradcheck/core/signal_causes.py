@@ -126,9 +126,14 @@ def time_causes(profile: GradientProfile, rule: str, layers: list[str], bound: f
         crossed = steps_back_to(steps, bound, direction) if bound else None
         mechanism, fix = _cell_mechanism(steps.kind, per_step, direction)
         limit = f"; it crosses the bound {crossed} steps back" if crossed is not None else ""
+        overall = (
+            f"exactly 0 from {steps.reached + 1} steps back (it underflows)"
+            if steps.ratio == 0.0
+            else f"{steps.ratio:.3g}x from the latest step to the earliest"
+        )
         summary = (
             f"recurrence: {steps.layer} ({steps.kind}) runs {len(steps.steps)} steps and {mechanism}: "
-            f"{per_step:.3g}x per step, {steps.ratio:.3g}x from the latest step to the earliest{limit}"
+            f"{per_step:.3g}x per step, {overall}{limit}"
         )
         if crossed:
             fix += f"; or backpropagate through at most {crossed} steps (truncated BPTT)"

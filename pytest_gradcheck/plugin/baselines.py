@@ -40,9 +40,18 @@ def shown(config: pytest.Config, path: Path | str) -> str:
 
 
 def check_baseline(
-    request: pytest.FixtureRequest, settings: Settings, profile: GradientProfile, name: str | None, tolerance: float
+    request: pytest.FixtureRequest,
+    settings: Settings,
+    profile: GradientProfile,
+    name: str | None,
+    tolerance: float,
+    seeded: bool = True,
 ) -> None:
-    """Compare ``profile`` with the test's baseline file, or write it under --grad-baseline-update."""
+    """Compare ``profile`` with the test's baseline file, or write it under --grad-baseline-update.
+
+    ``seeded`` says whether the model was built under the probe's seed (from its class or a
+    factory); a model built outside it may start from other weights in every run.
+    """
     __tracebackhide__ = True
     from pytest_gradcheck.core import baseline as baseline_mod  # loaded only when a test uses a baseline
 
@@ -77,9 +86,14 @@ def check_baseline(
     if not comparison.passed:
         from pytest_gradcheck.report.baseline_text import render_baseline_failure
 
-        raise GradientHealthError(
-            render_baseline_failure(comparison, shown(config, path), _rerun(node.nodeid)), profile
-        )
+        text = render_baseline_failure(comparison, shown(config, path), _rerun(node.nodeid))
+        if not seeded and comparison.moved:
+            text += (
+                f"\nnote: {profile.model} was built before the probe, so its initial weights come from whatever "
+                "RNG state earlier code left, and may differ from run to run; pass the class or a zero-argument "
+                f"factory instead, e.g. gradient_health({profile.model}), and the probe builds it under its seed"
+            )
+        raise GradientHealthError(text, profile)
     event["action"] = "compared"
 
 

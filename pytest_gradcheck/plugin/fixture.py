@@ -19,6 +19,8 @@ def gradient_health(request: pytest.FixtureRequest) -> Callable[..., Any]:
 
     Call it as ``gradient_health(model, inputs=None, *, loss_fn=None, seed=0,
     name=None, baseline=None, tolerance=None, **bounds)``; it returns the GradientProfile.
+    ``model`` is a model, or its class or a zero-argument factory, which the probe then
+    builds under ``seed`` (the same initial weights in every run).
     """
     settings = request.config.stash[SETTINGS_KEY]
     item = request.node
@@ -37,14 +39,36 @@ def gradient_health(request: pytest.FixtureRequest) -> Callable[..., Any]:
     ) -> Any:
         __tracebackhide__ = True
         # Imported here, not at plugin load: every pytest run in the environment loads the plugin.
+        from pytest_gradcheck.errors import BaselineFileError, ProbeError, SettingError
+
+        try:
+            return _run(model, inputs, loss_fn, seed, name, baseline, tolerance, overrides)
+        except (ProbeError, SettingError, BaselineFileError) as error:
+            # Raised deep in the package: the traceback starts at the test's own line.
+            raise error.with_traceback(None) from None
+
+    def _run(
+        model: Any,
+        inputs: Any,
+        loss_fn: Callable[[Any], Any] | None,
+        seed: int,
+        name: str | None,
+        baseline: bool | None,
+        tolerance: float | None,
+        overrides: dict[str, Any],
+    ) -> Any:
+        __tracebackhide__ = True
         from pytest_gradcheck.core.findings import CheckResult
         from pytest_gradcheck.errors import GradientHealthError
         from pytest_gradcheck.health import assess
+        from pytest_gradcheck.probing.model_io import is_factory, model_from
         from pytest_gradcheck.report.format import junit_properties
         from pytest_gradcheck.report.table import render_failure
 
         bounds = bounds_mod.resolve(settings.ini_bounds, settings.cli_bounds, marker_bounds, overrides)
         use_baseline, factor = baseline_settings(settings, marker_baseline, baseline, tolerance)
+        built_here = is_factory(model)
+        model = model_from(model, seed)
         if inputs is None:
             # item.ihook, not config.hook: a conftest.py answers for its own directory only.
             inputs = item.ihook.pytest_gradcheck_make_inputs(model=model)
@@ -57,7 +81,7 @@ def gradient_health(request: pytest.FixtureRequest) -> Callable[..., Any]:
         if assessment.failing:
             raise GradientHealthError(render_failure(profile, findings, settings.max_rows), profile, findings)
         if use_baseline:
-            check_baseline(request, settings, profile, name, factor)
+            check_baseline(request, settings, profile, name, factor, seeded=built_here)
         return profile
 
     return gradient_health

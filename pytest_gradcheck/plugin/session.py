@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -41,7 +42,9 @@ class GradcheckSession:
         # Runs in the controller under xdist and in-process otherwise: one path for both.
         data = transport.read(report)
         if data is not None:
-            self.results.extend(data.results)
+            # An xfail test that failed as expected: its failing verdict is marked so in the reports.
+            expected = bool(getattr(report, "wasxfail", None)) and report.skipped
+            self.results.extend(dataclasses.replace(r, expected_failure=expected) for r in data.results)
 
     def ordered_results(self) -> list[CheckResult]:
         """The results in collection order; a stable sort keeps each test's probes in call order."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -17,10 +18,62 @@ DEFAULT_SPATIAL_SIZE = 32
 DEFAULT_SEQUENCE_LENGTH = 16
 _PARAMETRIZATIONS = "parametrizations"
 
-_HOW_TO_PASS = (
-    "pass inputs= explicitly, e.g. gradient_health(model, inputs=torch.randn(8, 3, 224, 224)) "
-    "or probe(model, inputs={'input_ids': ids}); a zero-argument callable that returns them works too"
-)
+
+def is_factory(model: Any) -> bool:
+    """Whether ``model`` is something that builds a model (a class or a function), not a model."""
+    return callable(model) and not isinstance(model, nn.Module)
+
+
+def model_from(model: Any, seed: int, where: str | None = None, error: type[Exception] = ProbeError) -> nn.Module:
+    """``model`` itself, or the model its class or zero-argument factory builds under ``seed``.
+
+    Built under the seed, the initial weights are the same in every run whatever RNG state
+    earlier code left (torch's RNGs are forked, so the caller's are untouched), which is what
+    makes a baseline of a freshly built model reproducible.
+    """
+    if isinstance(model, nn.Module):
+        return model
+    where = where or getattr(model, "__qualname__", None) or type(model).__name__
+    if inspect.isclass(model) and not issubclass(model, nn.Module):
+        raise error(f"{where} is the class {model.__name__}, which is not an nn.Module subclass")
+    if not callable(model):
+        raise error(
+            f"{where} is of type {type(model).__name__}, not an nn.Module instance, "
+            "an nn.Module subclass or a zero-argument factory"
+        )
+    _require_no_arguments(model, where, error)
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        try:
+            built = model()
+        except Exception as failure:
+            raise error(f"calling {where}() failed: {type(failure).__name__}: {failure}") from None
+    if not isinstance(built, nn.Module):
+        raise error(f"{where}() returned a value of type {type(built).__name__}, not an nn.Module")
+    return built
+
+
+def _require_no_arguments(factory: Any, where: str, error: type[Exception]) -> None:
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # builtins without a signature: just try the call
+        return
+    try:
+        signature.bind()
+    except TypeError:
+        needed = [
+            name
+            for name, param in signature.parameters.items()
+            if param.default is param.empty
+            and param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+        ]
+        kind = "constructor" if inspect.isclass(factory) else "factory"
+        short = where.rpartition(":")[2]
+        raise error(
+            f"{kind} needs arguments: {where}({', '.join(needed)}); pass a model instance or a "
+            f"zero-argument function that builds it, e.g. def make(): return {short}(...)"
+        ) from None
 
 
 def infer_inputs(model: nn.Module, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
@@ -52,9 +105,25 @@ def infer_inputs(model: nn.Module, batch_size: int = DEFAULT_BATCH_SIZE) -> torc
             return torch.randint(0, module.num_embeddings, shape, device=param.device)
         raise ProbeError(
             f"cannot infer inputs for {type(model).__name__}: its first parameterised module, "
-            f"{label}, is not a Linear, Conv1d/2d/3d, Embedding, RNN, LSTM or GRU; {_HOW_TO_PASS}"
+            f"{label}, is not a Linear, Conv1d/2d/3d, Embedding, RNN, LSTM or GRU",
+            inputs_shape=example_shape(module),
         )
-    raise ProbeError(f"cannot infer inputs for {type(model).__name__}: it has no parameters; {_HOW_TO_PASS}")
+    raise ProbeError(f"cannot infer inputs for {type(model).__name__}: it has no parameters", inputs_shape=(8, "..."))
+
+
+def example_shape(module: nn.Module | None) -> tuple[int | str, ...]:
+    """An input shape for ``module``, as far as its weights show what it takes ('...' where not)."""
+    batch = DEFAULT_BATCH_SIZE
+    if isinstance(module, nn.MultiheadAttention):
+        return (batch, DEFAULT_SEQUENCE_LENGTH, module.embed_dim)
+    if isinstance(module, nn.RNNBase):
+        return (DEFAULT_SEQUENCE_LENGTH, batch, module.input_size)
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return (batch, weight.shape[1])
+    if isinstance(weight, torch.Tensor) and weight.dim() > 2:
+        return (batch, weight.shape[1], *[DEFAULT_SPATIAL_SIZE] * (weight.dim() - 2))
+    return (batch, "...")
 
 
 def as_call_arguments(inputs: Any) -> tuple[tuple, dict]:
@@ -76,34 +145,31 @@ def as_call_arguments(inputs: Any) -> tuple[tuple, dict]:
     )
 
 
-def fresh_copies(
-    args: tuple[Any, ...], kwargs: dict[str, Any], carry_gradient: bool = False
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def fresh_copies(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The call arguments with every tensor in them copied: a forward that edits its inputs in place
     edits the probe's copies, never the caller's, and each pass sees the same numbers.
 
-    With ``carry_gradient``, floating-point copies carry gradient (as the sum of the copy and a
-    zero that requires it: not a leaf, so a forward may still edit them in place), which shows
-    the gradient that reaches the model's first layers.
+    A copy of an input that requires grad carries gradient too (as the sum of the copy and a
+    zero that requires it: not a leaf, so a forward may still edit it in place).
     """
-    return _copied(args, carry_gradient), {key: _copied(value, carry_gradient) for key, value in kwargs.items()}
+    return _copied(args), {key: _copied(value) for key, value in kwargs.items()}
 
 
-def _copied(value: Any, carry_gradient: bool, depth: int = 0) -> Any:
+def _copied(value: Any, depth: int = 0) -> Any:
     if isinstance(value, torch.Tensor):
         copy = value.detach().clone()
-        if copy.is_floating_point() and (carry_gradient or value.requires_grad):
+        if copy.is_floating_point() and value.requires_grad:
             zero = torch.zeros((), dtype=copy.dtype, device=copy.device, requires_grad=True)
             return copy + zero
         return copy
     if depth > 4:
         return value
     if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(_copied(item, carry_gradient, depth + 1) for item in value)
+        return tuple(_copied(item, depth + 1) for item in value)
     if isinstance(value, list):
-        return [_copied(item, carry_gradient, depth + 1) for item in value]
+        return [_copied(item, depth + 1) for item in value]
     if type(value) is dict:
-        return {key: _copied(item, carry_gradient, depth + 1) for key, item in value.items()}
+        return {key: _copied(item, depth + 1) for key, item in value.items()}
     return value
 
 
@@ -194,8 +260,13 @@ def tensors_in(value: Any, max_depth: int = 8, depth: int = 0) -> list[torch.Ten
 
 def _kind_of(value: Any) -> str:
     if isinstance(value, torch.Tensor):
-        return f"a {str(value.dtype).replace('torch.', '')} tensor of shape {list(value.shape)}"
-    return f"a {type(value).__name__}"
+        return _article(f"{str(value.dtype).replace('torch.', '')} tensor of shape {list(value.shape)}")
+    return _article(type(value).__name__)
+
+
+def _article(noun: str) -> str:
+    """'an int', 'a float32 tensor': the indefinite article by the first letter's sound."""
+    return f"{'an' if noun[:1].lower() in 'aeio' else 'a'} {noun}"
 
 
 def random_inputs(model: nn.Module, shapes: list[tuple[int, ...]], dtypes: list[str], device: Any) -> tuple:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import operator
 from collections.abc import Callable
 from types import TracebackType
@@ -130,7 +131,7 @@ class ModelRun:
         """The model called on fresh copies of the inputs, its parameters watched."""
         __tracebackhide__ = True
         assert self._sandbox is not None, "a pass runs inside `with ModelRun(...)`"
-        args, kwargs = model_io.fresh_copies(self.args, self.kwargs, carry_gradient=True)
+        args, kwargs = model_io.fresh_copies(self.args, self.kwargs)
         with self._sandbox.watching():
             return call_model(self.model, args, kwargs)
 
@@ -166,7 +167,6 @@ class ModelRun:
         scales = signals.input_scales(layers, record)
         normalised = signals.normalised_layers(layers, record)
         sharing = signals.siblings(layers, record)
-        backward = signals.backward_candidates(layers, record) if not plain_backward else []
         record.first_args.clear()  # the inputs' scales are taken: backward may free them
         measures = _Measures(scales, normalised, sharing)
         if self.fully_sharded:  # every rank must probe: FSDP2 all-gathers and reduce-scatters
@@ -177,14 +177,12 @@ class ModelRun:
             # The output and the recurrent layers' steps are differentiated with the parameters.
             main = signals.main_output(output) if not plain_backward else None
             sources = signals.time_sources(layers, record) if not plain_backward else []
-            watched = (
-                ([main] if main is not None and main.requires_grad else [])
-                + [tensor for source in sources for tensor in source.tensors]
-                + [tensor for _, tensor in backward]
-            )
+            watched = ([main] if main is not None and main.requires_grad else []) + [
+                tensor for source in sources for tensor in source.tensors
+            ]
             all_grads = self._gradients(loss, [*params, *watched], layers, record, plain_backward)
             grads, watched_grads = all_grads[: len(params)], all_grads[len(params) :]
-            measures.add_gradient_pass(layers, params, grads, main, sources, watched_grads, backward)
+            measures.add_gradient_pass(layers, params, grads, main, sources, watched_grads)
             tied = tied_embedding_weights(layers, record)
             per_param, rows, loss_value, measured = gradient_statistics(
                 params, grads, tied, record, loss, detail, measures.tensors()
@@ -195,7 +193,7 @@ class ModelRun:
         stats = layer_stats(layers, per_param, rows, record, detail)
         measures.describe_layers(layers, stats)
         if any(row.received_grad and row.all_zero for row in stats):
-            _mark_zero_gates(layers, stats)
+            _mark_zero_weights(layers, stats)
         return GradientProfile(
             model=self.model_name,
             layers=stats,
@@ -266,9 +264,10 @@ class _Measures:
         self.invariance: dict[int, torch.Tensor] = {}
         self.output_tensors: list[torch.Tensor] = []
         self.steps: list[tuple[signals.TimeSource, torch.Tensor]] = []
-        self.input_grads: list[tuple[str, torch.Tensor]] = []
+        self.gates: dict[int, torch.Tensor] = {}
         self.values: dict[int, float] = {}
         self.invariance_values: dict[int, float] = {}
+        self.gate_values: dict[int, float] = {}
         self.output: dict[str, Any] = {}
         self.time: list[TimeProfile] = []
 
@@ -280,9 +279,9 @@ class _Measures:
         main: torch.Tensor | None,
         sources: list[signals.TimeSource],
         watched_grads: list[torch.Tensor | None],
-        backward: list[tuple[Layer, torch.Tensor]],
     ) -> None:
         grad_of = {id(param): grad for param, grad in zip(params, grads)}
+        self.gates = signals.gate_values(layers)
         for layer in signals.invariance_candidates(layers, grad_of):
             self.invariance[id(layer.module)] = signals.scale_invariance(layer, grad_of)
         position = 0
@@ -298,9 +297,6 @@ class _Measures:
             position += count
             if steps is not None:
                 self.steps.append((source, steps))
-        for (layer, _), grad in zip(backward, watched_grads[position:]):
-            if grad is not None:
-                self.input_grads.append((layer.name, grad.detach().abs().float().mean()))
 
     def tensors(self) -> list[torch.Tensor]:
         """Everything to copy to the host with the gradients' statistics, in one order."""
@@ -309,7 +305,7 @@ class _Measures:
             *self.invariance.values(),
             *self.output_tensors,
             *(steps for _, steps in self.steps),
-            *(value for _, value in self.input_grads),
+            *self.gates.values(),
         ]
 
     def read(self, values: list[list[float]]) -> None:
@@ -326,7 +322,7 @@ class _Measures:
                 "output_classes": int(classes),
             }
         self.time = [TimeProfile(public_name(source.layer), source.kind, next(flat)) for source, _ in self.steps]
-        self.output["input_grads"] = {public_name(name): next(flat)[0] for name, _ in self.input_grads}
+        self.gate_values = {key: next(flat)[0] for key in self.gates}
 
     def describe_layers(self, layers: list[Layer], stats: list[LayerStats]) -> None:
         """Each layer's role, input scale and scale invariance, onto its LayerStats."""
@@ -343,15 +339,17 @@ class _Measures:
             row.shares_input_with = [public_name(name) for name in self.sharing.get(key, [])]
             if key in self.normalised:  # the std of what it feeds the normalisation: that layer's input
                 row.output_std = self.values.get(self.normalised[key])
+            gate = self.gate_values.get(key, math.inf)
+            row.gate = gate if math.isfinite(gate) else None
 
 
-def _mark_zero_gates(layers: list[Layer], stats: list[LayerStats]) -> None:
-    """Which layers' weights are exactly zero: read only when some layer got no gradient at all."""
+def _mark_zero_weights(layers: list[Layer], stats: list[LayerStats]) -> None:
+    """Which layers hold an exactly-zero weight matrix: read only when some layer got no gradient at all."""
     by_name = {row.name: row for row in stats}
-    for layer, (flag,) in zip(layers, to_host(signals.zero_gates(layers))):  # a second sync, on this rare path
+    for layer, (flag,) in zip(layers, to_host(signals.zero_weights(layers))):  # a second sync, on this rare path
         row = by_name.get(public_name(layer.name))
-        if row is not None:
-            row.zero_init = bool(flag)
+        if row is not None and flag:
+            row.gate = 0.0
 
 
 def _arrival(arrivals: list[int], index: int) -> Callable[[torch.Tensor], None]:

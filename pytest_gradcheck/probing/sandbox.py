@@ -249,8 +249,14 @@ def call_model(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) 
         # code where it broke is named, and the chained traceback is left out.
         raise ProbeError(
             f"{type(model).__name__}.forward failed on the probe inputs ({shapes}){_user_frame(error)}: "
-            f"{type(error).__name__}: {error}. Pass inputs= that fit the model's forward()"
+            f"{type(error).__name__}: {error}",
+            inputs_shape=model_io.example_shape(_first_layer(model)),
         ) from None
+
+
+def _first_layer(model: nn.Module) -> nn.Module | None:
+    """The first module (in registration order) that owns a parameter: where the input goes first."""
+    return next((module for module in model.modules() if next(module.parameters(False), None) is not None), None)
 
 
 def _user_frame(error: BaseException) -> str:

@@ -20,7 +20,10 @@ from pytest_gradcheck.probing.layers import ExecutionRecord, Layer, is_norm_laye
 _SCALE_SAMPLE = 1 << 16
 # Weight layers at the start of the execution order whose scale invariance is measured:
 # the ratio's first layer is one of them unless the earliest ones got no gradient.
-_INVARIANCE_CANDIDATES = 3
+_INVARIANCE_CANDIDATES = 6
+# A parameter that holds one constant no larger than this at init is a gate: LayerScale starts
+# at 1e-1 to 1e-6 (Touvron et al. 2021), ReZero and SkipInit at 0, zero-init residual BN gammas at 0.
+GATE_SCALE = 1e-3
 # A layer called this often in one forward pass is followed through time (an RNN cell).
 RECURRENCE_CALLS = 4
 
@@ -61,27 +64,6 @@ def input_scales(layers: list[Layer], record: ExecutionRecord) -> dict[int, torc
     return scales
 
 
-def backward_candidates(
-    layers: list[Layer], record: ExecutionRecord, count: int = 4
-) -> list[tuple[Layer, torch.Tensor]]:
-    """The first and last ``count`` weight layers whose input carries gradient, with that input."""
-    found = []
-    for layer in layers:
-        args = record.first_args.get(id(layer.module))
-        first = args[0] if args else None
-        if (
-            isinstance(first, torch.Tensor)
-            and first.requires_grad
-            and first.is_floating_point()
-            and classify(layer.module) == "layer"
-            and not is_norm_layer(layer.module)
-            and any(param.dim() >= 2 for _, param in layer.params)
-        ):
-            found.append((layer, first))
-    picked = found[:count] + found[-count:]
-    return list({id(layer.module): (layer, tensor) for layer, tensor in picked}.values())
-
-
 def tensor_scale(tensor: torch.Tensor) -> torch.Tensor:
     """The std of ``tensor``'s elements, from a strided sample of the large ones."""
     with torch.no_grad():
@@ -110,12 +92,18 @@ def main_output(output: Any) -> torch.Tensor | None:
 
 # Autograd nodes between a weight and the tensor it produces that change neither which weight
 # it is nor the output's meaning: transposes, reshapes, dtype casts, the matmul itself.
-_PRODUCING = {
+_PRODUCING = frozenset({
     "AddmmBackward0", "MmBackward0", "BmmBackward0", "ConvolutionBackward0", "MkldnnConvolutionBackward0",
     "TBackward0", "TransposeBackward0", "PermuteBackward0", "ViewBackward0", "UnsafeViewBackward0",
     "ReshapeAliasBackward0", "ToCopyBackward0", "CloneBackward0", "SqueezeBackward0", "UnsqueezeBackward0",
     "SqueezeBackward1", "UnsqueezeBackward1", "ExpandBackward0",
-}  # fmt: skip
+})  # fmt: skip
+# Element-wise activations between a weight and the normalisation it feeds: ReLU keeps the
+# weight exactly scale-invariant (it is positively homogeneous), the smooth ones nearly so.
+_ELEMENTWISE = frozenset({
+    "ReluBackward0", "LeakyReluBackward0", "GeluBackward0", "SiluBackward0", "HardswishBackward0",
+    "EluBackward0", "MishBackward0", "HardtanhBackward0",
+})  # fmt: skip
 
 
 def output_layer(output: torch.Tensor, layers: list[Layer]) -> str | None:
@@ -125,13 +113,14 @@ def output_layer(output: torch.Tensor, layers: list[Layer]) -> str | None:
 
 
 def normalised_layers(layers: list[Layer], record: ExecutionRecord) -> dict[int, int]:
-    """The layers whose output goes straight into a normalisation layer: producer's module id -> the norm's."""
+    """The layers whose output reaches a normalisation layer through element-wise activations at
+    most (conv -> BN, conv -> GELU -> BN): producer's module id -> the norm's."""
     owners = _weight_owners(layers)
     found: dict[int, int] = {}
     for layer in layers:
         args = record.first_args.get(id(layer.module))
         if args and isinstance(args[0], torch.Tensor) and is_norm_layer(layer.module):
-            for producer in _producers(args[0], owners):
+            for producer in _producers(args[0], owners, _PRODUCING | _ELEMENTWISE):
                 found.setdefault(id(producer.module), id(layer.module))
     return found
 
@@ -140,8 +129,8 @@ def _weight_owners(layers: list[Layer]) -> dict[int, Layer]:
     return {id(param): layer for layer in layers for _, param in layer.params if param.dim() >= 2}
 
 
-def _producers(tensor: torch.Tensor, owners: dict[int, Layer]) -> list[Layer]:
-    """The layers whose weight matrices produce ``tensor`` with nothing but reshapes in between."""
+def _producers(tensor: torch.Tensor, owners: dict[int, Layer], through: frozenset[str] = _PRODUCING) -> list[Layer]:
+    """The layers whose weight matrices produce ``tensor`` with nothing but ``through`` nodes in between."""
     frontier, seen, found = [tensor.grad_fn], set(), []
     for _ in range(6):
         following = []
@@ -153,7 +142,7 @@ def _producers(tensor: torch.Tensor, owners: dict[int, Layer]) -> list[Layer]:
             if variable is not None:
                 if id(variable) in owners:
                     found.append(owners[id(variable)])
-            elif type(node).__name__ in _PRODUCING:
+            elif type(node).__name__ in through:
                 following += [function for function, _ in node.next_functions]
         frontier = following
     return found
@@ -199,25 +188,26 @@ def invariance_candidates(layers: list[Layer], grads: dict[int, torch.Tensor | N
 
 
 def scale_invariance(layer: Layer, grads: dict[int, torch.Tensor | None]) -> torch.Tensor:
-    """|cos| between a layer's weight matrices and their gradient: 0 when the loss ignores the weights' scale.
+    """|cos| between a layer's weight and its gradient, in units of the chance level 1/sqrt(n).
 
     By Euler's theorem, a loss that does not change when w is scaled has <dL/dw, w> = 0:
-    a weight followed by normalisation, whose gradient shrinks as the weight grows.
+    a weight followed by normalisation, whose gradient shrinks as the weight grows. A gradient
+    unrelated to the weight has |cos| about sqrt(2 / (pi n)) for n entries, so |cos| sqrt(n)
+    is about 1 for an ordinary weight and far below 1 only for an invariant one. The weight is
+    the layer's largest parameter (a weight-standardised conv's gain is not invariant).
     """
     with torch.no_grad():
-        pieces = []
-        for _, param in layer.params:
-            grad = grads.get(id(param))
-            if param.dim() < 2 or grad is None or grad.is_sparse:
-                continue
-            if grad.is_complex() or param.is_complex() or grad.shape != param.shape:
-                continue
-            g, w = _flat32(grad), _flat32(param)
-            pieces.append(torch.stack([torch.dot(g, w), torch.dot(g, g), torch.dot(w, w)]).double())
-        if not pieces:
+        weights = [param for _, param in layer.params if param.dim() >= 2]
+        param = max(weights, key=lambda weight: weight.numel(), default=None)
+        grad = grads.get(id(param)) if param is not None else None
+        if param is None or grad is None or grad.is_sparse or grad.is_complex() or param.is_complex():
             return torch.tensor(math.nan)
-        dot, norm_grad, norm_weight = torch.stack(pieces).sum(dim=0)
-        return dot.abs() / (norm_grad * norm_weight).sqrt().clamp(min=1e-300)
+        if grad.shape != param.shape:
+            return torch.tensor(math.nan)
+        g, w = _flat32(grad), _flat32(param)
+        dot, norm_grad, norm_weight = torch.stack([torch.dot(g, w), torch.dot(g, g), torch.dot(w, w)]).double()
+        cosine = dot.abs() / (norm_grad * norm_weight).sqrt().clamp(min=1e-300)
+        return cosine * math.sqrt(param.numel())
 
 
 def _flat32(tensor: torch.Tensor) -> torch.Tensor:
@@ -240,8 +230,10 @@ def time_sources(layers: list[Layer], record: ExecutionRecord) -> list[TimeSourc
         if layer is None or key in fused or len(calls) < RECURRENCE_CALLS:
             continue
         states = [_state(args) for args in calls]
+        # A loop that starts from a constant state (zeros) has no gradient at its first input:
+        # the steps are those whose state carries one.
         tensors = [state for state in states if state is not None]
-        if len(tensors) >= RECURRENCE_CALLS:
+        if len(tensors) >= 2:
             sources.append(TimeSource(layer.name, type(layer.module).__name__, tensors, None))
     return sources
 
@@ -268,16 +260,42 @@ def step_gradients(source: TimeSource, grads: list[torch.Tensor | None]) -> torc
         return torch.stack(per_step) if per_step else None
 
 
-def zero_gates(layers: list[Layer]) -> list[torch.Tensor]:
-    """Per layer: whether all its parameters other than biases are exactly zero (a gate that passes nothing back)."""
+def gate_values(layers: list[Layer]) -> dict[int, torch.Tensor]:
+    """By module id: the smallest constant that one of its vector-sized non-bias parameters
+    holds, if no larger than GATE_SCALE (a LayerScale, ReZero or SkipInit gain, a zero BN
+    gamma), else inf. Layers without such a parameter are left out.
+
+    Only vector-sized parameters are read (no more entries than their largest dimension), so
+    this costs a min and a max per gain, not a pass over the weight matrices. A parameter
+    whose name says bias is additive, never a gate.
+    """
+    with torch.no_grad():
+        values = {}
+        for layer in layers:
+            found = None
+            for key, param in layer.params:
+                if "bias" in key or not param.numel() or param.numel() > max(param.shape, default=1):
+                    continue
+                if param.is_complex() or not param.is_floating_point():
+                    continue
+                low, high = torch.aminmax(param.detach().reshape(-1).float())
+                gate = torch.where((low == high) & (high.abs() <= GATE_SCALE), high.abs(), math.inf)
+                found = gate if found is None else torch.minimum(found, gate)
+            if found is not None:
+                values[id(layer.module)] = found
+        return values
+
+
+def zero_weights(layers: list[Layer]) -> list[torch.Tensor]:
+    """Per layer: whether some non-bias weight matrix is exactly zero (a zero-initialised head)."""
     with torch.no_grad():
         flags = []
         for layer in layers:
-            weights = [param for key, param in layer.params if key != "bias" and param.numel()]
+            weights = [param for key, param in layer.params if "bias" not in key and param.numel()]
             if not weights:
                 flags.append(torch.zeros((), dtype=torch.bool, device=layer.params[0][1].device))
                 continue
-            flags.append(torch.stack([torch.count_nonzero(weight) == 0 for weight in weights]).all())
+            flags.append(torch.stack([torch.count_nonzero(weight) == 0 for weight in weights]).any())
         return flags
 
 

@@ -8,11 +8,29 @@ from pytest_gradcheck.core.baseline import BaselineComparison, LayerDelta
 from pytest_gradcheck.report.format import factor_text, number, ratio_text
 
 BASELINE_HEADERS = ["layer", "kind", "baseline", "now", "factor", ""]
+_LOSSES = {
+    "sum": "the sum of the outputs (the default loss of earlier versions)",
+    "random": "the default random-direction loss",
+    "loss_fn": "the test's loss_fn",
+    "model": "the model's own loss",
+}
 
 
 def problem_lines(comparison: BaselineComparison) -> list[str]:
     """One line per reason the comparison fails, with the numbers; empty when it passes."""
     lines = []
+    if comparison.model_changed:
+        lines.append(
+            f"the model changed: the baseline was recorded from {comparison.baseline_model}, "
+            f"this run probed {comparison.model}"
+        )
+    if comparison.loss_changed:
+        before, now = (_LOSSES.get(kind or "", kind) for kind in (comparison.baseline_loss_kind, comparison.loss_kind))
+        lines.append(
+            f"the loss changed: the baseline's gradients come from {before}, this run's from {now}, "
+            "so no layer compares; record the baseline again (--grad-baseline-update)"
+        )
+        return lines
     if comparison.moved:
         shown = ", ".join(f"{d.name or '(root)'} {factor_text(d.factor)}" for d in comparison.moved)
         lines.append(f"mean |grad| moved beyond {comparison.tolerance:g}x in {len(comparison.moved)} layer(s): {shown}")

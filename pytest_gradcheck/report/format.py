@@ -26,14 +26,21 @@ def factor_text(factor: float | None) -> str:
     return "-" if factor is None else f"{factor:.3g}x"
 
 
+RATIO_RULES = ("vanishing", "exploding")
+
+
 def layer_notes(profile: GradientProfile, layer: LayerStats, findings: list[Finding]) -> str:
-    """Short flags for one row: first/last pick, findings that name it, sharing."""
+    """Short flags for one row: the ratio's picks, findings that name it, sharing."""
     notes = []
+    pair = [profile.first.name if profile.first else None, profile.last.name if profile.last else None]
     if profile.first is layer:
-        notes.append("first")
+        notes.append("ratio: first")
     if profile.last is layer:
-        notes.append("last")
+        notes.append("ratio: last")
     for finding in findings:
+        # The ratio's own finding names its two picks: their note already says so.
+        if finding.rule in RATIO_RULES and finding.layers == pair:
+            continue
         if layer.name in finding.layers and finding.rule not in notes:
             notes.append(finding.rule)
     if not layer.executed:
@@ -43,9 +50,9 @@ def layer_notes(profile: GradientProfile, layer: LayerStats, findings: list[Find
     return ", ".join(notes)
 
 
-def finding_lines(finding: Finding, diagnosed: bool = False) -> list[str]:
-    """The lines under a table for one finding."""
-    marker = "FAIL" if finding.failing else "note"
+def finding_lines(finding: Finding, diagnosed: bool = False, expected_failure: bool = False) -> list[str]:
+    """The lines under a table for one finding; an xfail test's failures read XFAIL."""
+    marker = ("XFAIL" if expected_failure else "FAIL") if finding.failing else "note"
     return [f"  {marker} {finding.rule}: {finding.message}"] + cause_lines(finding, diagnosed)
 
 
@@ -73,8 +80,11 @@ def time_lines(profile: GradientProfile) -> list[str]:
     lines = []
     for steps in profile.time:
         ratio, per_step = steps.ratio, steps.per_step
-        change = f"{ratio:.3g} of the latest step's" if ratio is not None else "not measurable"
-        rate = f", {per_step:.3g}x per step back" if per_step is not None else ""
+        if ratio == 0.0:
+            change = f"exactly 0: it underflows {steps.reached + 1} steps back"
+        else:
+            change = f"{ratio:.3g} of the latest step's" if ratio is not None else "not measurable"
+        rate = f", {per_step:.3g}x per step back" if per_step else ""
         lines.append(
             f"  time: {steps.layer} ({steps.kind}, {len(steps.steps)} steps): the gradient at the earliest step "
             f"is {change}{rate}"

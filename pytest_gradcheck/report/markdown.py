@@ -30,16 +30,22 @@ def markdown_section(result: CheckResult) -> list[str]:
         row[BAR_COLUMN] = f"`{row[BAR_COLUMN]}`" if row[BAR_COLUMN] else ""
     summary = (
         f"<code>{html.escape(result.title)}</code>: {html.escape(profile.model)}, "
-        f"ratio {ratio_text(profile.ratio)}, <b>{result.verdict}</b>"
+        f"ratio {ratio_text(profile.ratio)}, <b>{_verdict(result)}</b>"
     )
-    lines = ["<details open>" if failing(findings) else "<details>", f"<summary>{summary}</summary>", ""]
-    lines.append(f"{summary_line(profile, findings)}  ")
+    unexpected = failing(findings) and not result.expected_failure
+    lines = ["<details open>" if unexpected else "<details>", f"<summary>{summary}</summary>", ""]
+    lines.append(f"{summary_line(profile, findings, result.expected_failure)}  ")
     lines.append(f"bounds: {result.bounds.describe()}")
     lines += ["", _md_table(table_headers(profile), rows), ""]
     lines += ["- " + line.strip() for line in time_lines(profile)]
     for finding in findings:
-        lines += ["- " + line.strip() for line in finding_lines(finding, profile.activations is not None)]
+        shown = finding_lines(finding, profile.activations is not None, result.expected_failure)
+        lines += ["- " + line.strip() for line in shown]
     return lines + ["", "</details>", ""]
+
+
+def _verdict(result: CheckResult) -> str:
+    return f"{result.verdict} (xfail)" if result.expected_failure and failing(result.findings) else result.verdict
 
 
 def render_markdown(results: list[CheckResult]) -> str:
@@ -47,7 +53,7 @@ def render_markdown(results: list[CheckResult]) -> str:
     lines = ["## Gradient report", ""]
     if not results:
         return "\n".join(lines + ["No test probed a model.", ""])
-    overview = [[f"`{r.title}`", r.profile.model, ratio_text(r.profile.ratio), r.verdict] for r in results]
+    overview = [[f"`{r.title}`", r.profile.model, ratio_text(r.profile.ratio), _verdict(r)] for r in results]
     lines += [_md_table(["test", "model", "first/last ratio", "verdict"], overview), ""]
     for result in results:
         lines += markdown_section(result)

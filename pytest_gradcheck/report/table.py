@@ -18,13 +18,19 @@ DETAIL_HEADERS = ["max |grad|", "grad norm", "weight norm", "zeros"]
 # The forward signal: the std of the layer's input over the first weight layer's input's.
 SIGNAL_HEADER = "signal"
 BAR_WIDTH = 12
-# Healthy profiles span well under three decades; a floor on the scale keeps their
-# bars near-full instead of stretching a 2x spread across the whole column.
+# The bars show each layer's mean |grad| relative to the ratio's last layer, on one fixed log
+# axis: the same bar means the same ratio in every table, and the default bounds (0.02 and
+# 50) sit at the same place in each. Values beyond the axis are clipped to its ends.
+RELATIVE_AXIS = (1e-4, 1e2)
+# Without a last layer, the profile's own range, at least three decades wide.
 MIN_BAR_DECADES = 3.0
 
 
 def bar_scale(profile: GradientProfile) -> tuple[float, float] | None:
     """The (low, high) mean |grad| that map to the shortest and the full bar, or None."""
+    last = profile.last
+    if last is not None and math.isfinite(last.grad_mean_abs) and last.grad_mean_abs > 0.0:
+        return RELATIVE_AXIS[0] * last.grad_mean_abs, RELATIVE_AXIS[1] * last.grad_mean_abs
     values = [
         layer.grad_mean_abs
         for layer in profile.layers
@@ -46,8 +52,14 @@ def grad_bar(value: float, scale: tuple[float, float] | None, width: int = BAR_W
     return "#" * max(1, min(width, round(1 + fraction * (width - 1))))
 
 
-def bar_header(scale: tuple[float, float] | None) -> str:
-    return "log scale" if scale is None else f"log {scale[0]:.0e}..{scale[1]:.0e}"
+def bar_header(profile: GradientProfile) -> str:
+    """The bar column's header: the axis, relative to the last layer where there is one."""
+    scale = bar_scale(profile)
+    if scale is None:
+        return "log scale"
+    if profile.last is not None and profile.last.grad_mean_abs > 0.0:
+        return f"vs last, log {RELATIVE_AXIS[0]:.0e}..{RELATIVE_AXIS[1]:.0e}"
+    return f"log {scale[0]:.0e}..{scale[1]:.0e}"
 
 
 def shown_rows(profile: GradientProfile, findings: list[Finding], max_rows: int | None) -> list[int]:
@@ -110,16 +122,17 @@ def layer_rows(profile: GradientProfile, findings: list[Finding], indices: list[
 
 def table_headers(profile: GradientProfile) -> list[str]:
     """The column headers; the detail columns only where the probe measured them."""
-    headers = HEADERS[:BAR_COLUMN] + [bar_header(bar_scale(profile))]
+    headers = HEADERS[:BAR_COLUMN] + [bar_header(profile)]
     headers += [SIGNAL_HEADER] if signal_curve(profile) else []
     return headers + (DETAIL_HEADERS if profile.detailed else []) + HEADERS[BAR_COLUMN:]
 
 
-def summary_line(profile: GradientProfile, findings: list[Finding]) -> str:
+def summary_line(profile: GradientProfile, findings: list[Finding], expected_failure: bool = False) -> str:
     shown = ratio_text(profile.ratio)
     first = profile.first.name if profile.first else "-"
     last = profile.last.name if profile.last else "-"
-    return f"{profile.model}: first/last ratio {shown} ({first} / {last}), verdict: {verdict(findings)}"
+    expected = " (expected: the test is marked xfail)" if expected_failure and failing(findings) else ""
+    return f"{profile.model}: first/last ratio {shown} ({first} / {last}), verdict: {verdict(findings)}{expected}"
 
 
 def render_table(
@@ -128,16 +141,18 @@ def render_table(
     title: str | None = None,
     max_rows: int | None = None,
     failing_shown_above: bool = False,
+    expected_failure: bool = False,
 ) -> str:
     """The per-layer table with a heading line and the findings below it.
 
     With ``max_rows`` the table keeps at most that many layers (see :func:`shown_rows`)
-    and says how many it left out.
+    and says how many it left out. ``expected_failure`` marks a failing verdict as
+    expected (an xfail test's).
     """
     lines = []
     if title:
         lines.append(title)
-    lines.append(summary_line(profile, findings))
+    lines.append(summary_line(profile, findings, expected_failure))
     indices = shown_rows(profile, findings, max_rows)
     rows = layer_rows(profile, findings, indices)
     lines.append(tabulate(rows, headers=table_headers(profile), tablefmt="simple", disable_numparse=True))
@@ -151,7 +166,7 @@ def render_table(
     diagnosed = profile.activations is not None
     for finding in findings:
         if not (failing_shown_above and finding.failing):
-            lines += finding_lines(finding, diagnosed)
+            lines += finding_lines(finding, diagnosed, expected_failure)
     return "\n".join(lines)
 
 
@@ -167,4 +182,7 @@ def render_failure(profile: GradientProfile, findings: list[Finding], max_rows: 
 
 def render_session(results: list[CheckResult], max_rows: int | None = None) -> str:
     """Every probed model of the session, one table each."""
-    return "\n\n".join(render_table(r.profile, r.findings, title=r.title, max_rows=max_rows) for r in results)
+    return "\n\n".join(
+        render_table(r.profile, r.findings, title=r.title, max_rows=max_rows, expected_failure=r.expected_failure)
+        for r in results
+    )
