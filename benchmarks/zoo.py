@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -49,16 +50,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: nothing downloads
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 SETS = ("torchvision", "timm", "hf", "broken")
 LOSSES = ("default", "natural")
@@ -77,11 +79,33 @@ MIN_IMAGE_SIZE = {
 }  # fmt: skip
 
 TIMM_MODELS = (
-    "resnet50", "resnet50d", "seresnext26d_32x4d", "regnety_016", "regnetz_b16", "repvgg_a2",
-    "dla34", "hrnet_w18_small", "efficientnet_b0", "rexnet_100", "ghostnetv2_100", "convnext_tiny",
-    "convmixer_768_32", "poolformer_s12", "nf_resnet50", "nfnet_l0", "dm_nfnet_f0",
-    "vit_small_patch16_224", "deit_small_patch16_224", "cait_xxs24_224", "swin_tiny_patch4_window7_224",
-    "coat_lite_tiny", "levit_128", "mobilevitv2_050", "efficientformer_l1", "mixer_b16_224", "resmlp_12_224",
+    "resnet50",
+    "resnet50d",
+    "seresnext26d_32x4d",
+    "regnety_016",
+    "regnetz_b16",
+    "repvgg_a2",
+    "dla34",
+    "hrnet_w18_small",
+    "efficientnet_b0",
+    "rexnet_100",
+    "ghostnetv2_100",
+    "convnext_tiny",
+    "convmixer_768_32",
+    "poolformer_s12",
+    "nf_resnet50",
+    "nfnet_l0",
+    "dm_nfnet_f0",
+    "vit_small_patch16_224",
+    "deit_small_patch16_224",
+    "cait_xxs24_224",
+    "swin_tiny_patch4_window7_224",
+    "coat_lite_tiny",
+    "levit_128",
+    "mobilevitv2_050",
+    "efficientformer_l1",
+    "mixer_b16_224",
+    "resmlp_12_224",
 )
 
 
@@ -247,47 +271,124 @@ def build_timm(name: str, args: argparse.Namespace) -> Case:
 # family: (model class, config class, task, {size: config overrides}). "base" is the
 # published base configuration; the tiny sizes are a few layers, a small width.
 HF_FAMILIES = {
-    "gpt2": ("GPT2LMHeadModel", "GPT2Config", "lm", {
-        "tiny": dict(n_layer=2, n_embd=64, n_head=2),
-        "base": {},  # gpt2 (124M)
-    }),
-    "bert-mlm": ("BertForMaskedLM", "BertConfig", "lm", {
-        "tiny": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=256),
-        "base": {},  # bert-base-uncased
-    }),
-    "bert-cls": ("BertForSequenceClassification", "BertConfig", "classify", {
-        "tiny": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=256),
-        "base": {},
-    }),
-    "t5": ("T5ForConditionalGeneration", "T5Config", "seq2seq", {
-        "tiny": dict(d_model=64, d_ff=256, d_kv=16, num_layers=2, num_heads=4, decoder_start_token_id=0),
-        "base": dict(d_model=768, d_ff=3072, d_kv=64, num_layers=12, num_heads=12,
-                     decoder_start_token_id=0),  # t5-base; as published, decoding starts at the pad id 0
-    }),
-    "llama": ("LlamaForCausalLM", "LlamaConfig", "lm", {
-        "tiny": dict(vocab_size=32000, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2),
-        "base": dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                     num_attention_heads=32, num_key_value_heads=8),
-    }),
-    "mistral": ("MistralForCausalLM", "MistralConfig", "lm", {
-        "tiny": dict(vocab_size=32000, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2),
-        "base": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,
-                     num_attention_heads=32, num_key_value_heads=8),
-    }),
-    "vit": ("ViTForImageClassification", "ViTConfig", "image", {
-        "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
-                     num_labels=1000),
-        "base": dict(num_labels=1000),  # vit-base-patch16-224
-    }),
+    "gpt2": (
+        "GPT2LMHeadModel",
+        "GPT2Config",
+        "lm",
+        {
+            "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2},
+            "base": {},  # gpt2 (124M)
+        },
+    ),
+    "bert-mlm": (
+        "BertForMaskedLM",
+        "BertConfig",
+        "lm",
+        {
+            "tiny": {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 256},
+            "base": {},  # bert-base-uncased
+        },
+    ),
+    "bert-cls": (
+        "BertForSequenceClassification",
+        "BertConfig",
+        "classify",
+        {
+            "tiny": {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 256},
+            "base": {},
+        },
+    ),
+    "t5": (
+        "T5ForConditionalGeneration",
+        "T5Config",
+        "seq2seq",
+        {
+            "tiny": {
+                "d_model": 64,
+                "d_ff": 256,
+                "d_kv": 16,
+                "num_layers": 2,
+                "num_heads": 4,
+                "decoder_start_token_id": 0,
+            },
+            "base": {
+                "d_model": 768,
+                "d_ff": 3072,
+                "d_kv": 64,
+                "num_layers": 12,
+                "num_heads": 12,
+                "decoder_start_token_id": 0,
+            },  # t5-base; as published, decoding starts at the pad id 0
+        },
+    ),
+    "llama": (
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        "lm",
+        {
+            "tiny": {
+                "vocab_size": 32000,
+                "hidden_size": 64,
+                "intermediate_size": 256,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+            },
+            "base": {
+                "vocab_size": 32000,
+                "hidden_size": 2048,
+                "intermediate_size": 8192,
+                "num_hidden_layers": 16,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 8,
+            },
+        },
+    ),
+    "mistral": (
+        "MistralForCausalLM",
+        "MistralConfig",
+        "lm",
+        {
+            "tiny": {
+                "vocab_size": 32000,
+                "hidden_size": 64,
+                "intermediate_size": 256,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+            },
+            "base": {
+                "vocab_size": 32000,
+                "hidden_size": 4096,
+                "intermediate_size": 14336,
+                "num_hidden_layers": 4,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 8,
+            },
+        },
+    ),
+    "vit": (
+        "ViTForImageClassification",
+        "ViTConfig",
+        "image",
+        {
+            "tiny": {
+                "hidden_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "intermediate_size": 256,
+                "num_labels": 1000,
+            },
+            "base": {"num_labels": 1000},  # vit-base-patch16-224
+        },
+    ),
 }
 
 HF_NOTES = {
     "llama-base": "Llama-3.2-1B shape (16 layers, hidden 2048, MLP 8192, 32/8 heads), vocab 32000: "
-                  "Llama-7B (hidden 4096, 32 layers) with its gradients does not fit in 24 GiB",
+    "Llama-7B (hidden 4096, 32 layers) with its gradients does not fit in 24 GiB",
     "mistral-base": "Mistral-7B width (hidden 4096, MLP 14336, 32/8 heads), vocab 32000, "
-                    "4 of its 32 layers: all 32 with gradients do not fit in 24 GiB",
+    "4 of its 32 layers: all 32 with gradients do not fit in 24 GiB",
 }
 
 
@@ -303,8 +404,9 @@ def build_hf(name: str, args: argparse.Namespace) -> Case:
     config = getattr(transformers, config_class)(**sizes[size])
     model = getattr(transformers, model_class)(config)
     plain, labelled = hf_inputs(task, config, args.batch)
-    return Case(model, {"default": plain, "natural": labelled}, {"default": None, "natural": None},
-                HF_NOTES.get(name, ""))
+    return Case(
+        model, {"default": plain, "natural": labelled}, {"default": None, "natural": None}, HF_NOTES.get(name, "")
+    )
 
 
 def hf_inputs(task: str, config: Any, batch: int) -> tuple[dict, dict]:
@@ -324,8 +426,9 @@ def hf_inputs(task: str, config: Any, batch: int) -> tuple[dict, dict]:
 # --------------------------------------------------------------------------- broken networks and twins
 
 
-class NoNorm(nn.Module):
-    """A norm_layer that normalises nothing: torchvision's ResNet without BatchNorm."""
+class Passthrough(nn.Module):
+    """A norm_layer that normalises nothing: torchvision's ResNet without BatchNorm. (Not named
+    ...Norm...: the probe takes a module whose class name says Norm for a normalisation layer.)"""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__()
@@ -340,7 +443,7 @@ class SigmoidMLP(nn.Module):
     def __init__(self, features: int = 784, width: int = 1000, depth: int = 5, classes: int = 10) -> None:
         super().__init__()
         sizes = [features] + [width] * depth
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
         self.head = nn.Linear(width, classes)
         init_all(self, lambda w: nn.init.uniform_(w, -1 / math.sqrt(w.shape[1]), 1 / math.sqrt(w.shape[1])))
 
@@ -433,7 +536,7 @@ def KAIMING(weight: torch.Tensor) -> None:
 def no_norm_resnet(depth: int) -> nn.Module:
     import torchvision
 
-    return getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=NoNorm)
+    return getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=Passthrough)
 
 
 def vgg_small_init(depth: int) -> nn.Module:
@@ -473,25 +576,53 @@ def image(size: int) -> Callable:
 XAVIER = nn.init.xavier_normal_
 # name: (truth, model maker, input maker, note)
 BROKEN = {
-    "sigmoid_mlp_5x1000": ("fails", SigmoidMLP, vector(784),
-                           "784-1000x5-10 sigmoid, U(+-1/sqrt(fan_in)) (Glorot & Bengio 2010)"),
-    "plain_conv30_xavier": ("fails", lambda: PlainConvNet(30, XAVIER), image(32),
-                            "29 3x3 convs x64 + linear, ReLU, no BN, Xavier, 32x32 input (He et al. 2015 Fig. 3)"),
+    "sigmoid_mlp_5x1000": (
+        "fails",
+        SigmoidMLP,
+        vector(784),
+        "784-1000x5-10 sigmoid, U(+-1/sqrt(fan_in)) (Glorot & Bengio 2010)",
+    ),
+    "plain_conv30_xavier": (
+        "fails",
+        lambda: PlainConvNet(30, XAVIER),
+        image(32),
+        "29 3x3 convs x64 + linear, ReLU, no BN, Xavier, 32x32 input (He et al. 2015 Fig. 3)",
+    ),
     "plain_conv30_kaiming": ("trains", lambda: PlainConvNet(30, KAIMING), image(32), "as above, Kaiming init"),
-    "plain_conv22_xavier": ("trains", lambda: PlainConvNet(22, XAVIER), image(32),
-                            "21 convs + linear, Xavier: converges slowly (He et al. 2015)"),
+    "plain_conv22_xavier": (
+        "trains",
+        lambda: PlainConvNet(22, XAVIER),
+        image(32),
+        "21 convs + linear, Xavier: converges slowly (He et al. 2015)",
+    ),
     "plain_conv22_kaiming": ("trains", lambda: PlainConvNet(22, KAIMING), image(32), "21 convs + linear, Kaiming"),
-    "resnet50_no_norm": ("fails", lambda: no_norm_resnet(50), image(224),
-                         "torchvision resnet50, BN replaced by identity (Fixup, Zhang et al. 2019)"),
+    "resnet50_no_norm": (
+        "fails",
+        lambda: no_norm_resnet(50),
+        image(224),
+        "torchvision resnet50, BN replaced by identity (Fixup, Zhang et al. 2019)",
+    ),
     "resnet101_no_norm": ("fails", lambda: no_norm_resnet(101), image(224), "BN replaced by identity"),
     "resnet152_no_norm": ("fails", lambda: no_norm_resnet(152), image(224), "BN replaced by identity"),
     "resnet50_bn": ("trains", resnet50_bn, image(224), "torchvision resnet50 with BN"),
-    "residual_mlp100_no_norm": ("fails", lambda: ResidualMLP(100, norm=False), vector(64),
-                                "x + fc2(relu(fc1(x))) x100, width 256, Kaiming, no normalisation"),
-    "residual_mlp100_prenorm": ("trains", lambda: ResidualMLP(100, norm=True), vector(64),
-                                "x + fc2(relu(fc1(LN(x)))) x100, final LN, width 256, Kaiming"),
-    "vgg16_n001": ("fails", lambda: vgg_small_init(16), image(224),
-                   "torchvision vgg16 (no BN), weights N(0, 0.01), zero biases (Simonyan & Zisserman 2015)"),
+    "residual_mlp100_no_norm": (
+        "fails",
+        lambda: ResidualMLP(100, norm=False),
+        vector(64),
+        "x + fc2(relu(fc1(x))) x100, width 256, Kaiming, no normalisation",
+    ),
+    "residual_mlp100_prenorm": (
+        "trains",
+        lambda: ResidualMLP(100, norm=True),
+        vector(64),
+        "x + fc2(relu(fc1(LN(x)))) x100, final LN, width 256, Kaiming",
+    ),
+    "vgg16_n001": (
+        "fails",
+        lambda: vgg_small_init(16),
+        image(224),
+        "torchvision vgg16 (no BN), weights N(0, 0.01), zero biases (Simonyan & Zisserman 2015)",
+    ),
     "vgg11_n001": ("trains", lambda: vgg_small_init(11), image(224), "vgg11 (no BN), weights N(0, 0.01), zero biases"),
     "rnn_tanh_200": ("fails", lambda: RecurrentNet(nn.RNN), sequence(200), "nn.RNN tanh 32->128, 200 steps"),
     "lstm_200": ("fails", lambda: RecurrentNet(nn.LSTM), sequence(200), "nn.LSTM 32->128, 200 steps"),
@@ -522,7 +653,7 @@ def probe_spec(spec: Spec, args: argparse.Namespace, emit: Callable[[Row], None]
     try:
         torch.manual_seed(SEED)
         case = build(spec, args)
-    except Exception as error:  # noqa: BLE001 - any failure is a row, not the end of the run
+    except Exception as error:
         for loss in args.losses:
             emit(Row(spec.set, spec.name, loss, spec.truth, verdict="error", note=f"build: {describe(error)}"))
         return
@@ -533,7 +664,7 @@ def probe_spec(spec: Spec, args: argparse.Namespace, emit: Callable[[Row], None]
         try:
             fields = assess_model(case.model, case.inputs[loss], case.loss_fns[loss], SEED)
             row = dataclasses.replace(row, **fields)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             row.verdict, row.note = "error", describe(error)
         row.seconds = round(time.perf_counter() - start, 2)
         row.peak_rss_mb = peak_rss_mb()
@@ -560,6 +691,7 @@ def child_main(args: argparse.Namespace) -> int:
     set_name, name, out = args.child
     spec = next((s for s in specs_for(set_name) if s.name == name), Spec(set_name, name, "?"))
     with open(out, "a") as stream:
+
         def emit(row: Row) -> None:
             stream.write(json.dumps(dataclasses.asdict(row)) + "\n")
             stream.flush()
@@ -575,13 +707,26 @@ def run_in_child(spec: Spec, args: argparse.Namespace) -> list[Row]:
     """Probe ``spec`` in a child process; a crash, kill or timeout becomes rows that say so."""
     with tempfile.TemporaryDirectory() as scratch:
         out, err = Path(scratch) / "rows.jsonl", Path(scratch) / "stderr"
-        command = [sys.executable, __file__, "--child", spec.set, spec.name, str(out),
-                   "--batch", str(args.batch), "--image-size", str(args.image_size), "--loss", args.loss]
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            spec.set,
+            spec.name,
+            str(out),
+            "--batch",
+            str(args.batch),
+            "--image-size",
+            str(args.image_size),
+            "--loss",
+            args.loss,
+        ]
         problem = ""
         with open(err, "w") as stderr:
             try:
-                done = subprocess.run(command, check=False, stdout=subprocess.DEVNULL, stderr=stderr,
-                                      timeout=args.timeout or None)
+                done = subprocess.run(
+                    command, check=False, stdout=subprocess.DEVNULL, stderr=stderr, timeout=args.timeout or None
+                )
                 problem = exit_problem(done.returncode, err)
             except subprocess.TimeoutExpired:
                 problem = f"skipped: over the {args.timeout:g} s time limit"
@@ -622,8 +767,11 @@ def run(specs: list[Spec], args: argparse.Namespace) -> list[Row]:
 
 def progress(index: int, total: int, spec: Spec, rows: list[Row], seconds: float) -> None:
     parts = [f"{row.loss} {row.verdict} {fmt_ratio(row.ratio)}" for row in rows]
-    print(f"[{index}/{total}] {spec.set} {spec.name} ({spec.truth}): {'; '.join(parts)} [{seconds:.1f} s]",
-          file=sys.stderr, flush=True)
+    print(
+        f"[{index}/{total}] {spec.set} {spec.name} ({spec.truth}): {'; '.join(parts)} [{seconds:.1f} s]",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def write_json(path: str | None, rows: list[Row]) -> None:
@@ -645,25 +793,50 @@ def fmt_ratio(ratio: float | None) -> str:
 def markdown(rows: list[Row]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
-        cells = (row.set, row.model, row.loss, row.truth, fmt_ratio(row.ratio), row.verdict, row.first or "-",
-                 row.last or "-", row.cause or "-", "-" if row.seconds is None else f"{row.seconds:.1f}", row.note)
+        cells = (
+            row.set,
+            row.model,
+            row.loss,
+            row.truth,
+            fmt_ratio(row.ratio),
+            row.verdict,
+            row.first or "-",
+            row.last or "-",
+            row.cause or "-",
+            "-" if row.seconds is None else f"{row.seconds:.1f}",
+            row.note,
+        )
         lines.append("| " + " | ".join(str(cell).replace("|", "/") for cell in cells) + " |")
     return "\n".join(lines)
 
 
 def summary(rows: list[Row]) -> str:
     """Per set: rows probed, flagged, errored, and how the flags meet the ground truth."""
-    header = ("set", "rows", "healthy", "flagged", "error/skipped", "trains but flagged", "fails and flagged",
-              "fails but healthy")
+    header = (
+        "set",
+        "rows",
+        "healthy",
+        "flagged",
+        "error/skipped",
+        "trains but flagged",
+        "fails and flagged",
+        "fails but healthy",
+    )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in dict.fromkeys(row.set for row in rows):
         mine = [row for row in rows if row.set == name]
         broken = [row for row in mine if row.verdict in ("error", "skipped")]
         probed = [row for row in mine if row not in broken]
         flagged = [row for row in probed if row.verdict != "healthy"]
-        counts = (len(mine), len(probed) - len(flagged), len(flagged), len(broken),
-                  sum(row.truth == "trains" for row in flagged), sum(row.truth == "fails" for row in flagged),
-                  sum(row.truth == "fails" and row.verdict == "healthy" for row in probed))
+        counts = (
+            len(mine),
+            len(probed) - len(flagged),
+            len(flagged),
+            len(broken),
+            sum(row.truth == "trains" for row in flagged),
+            sum(row.truth == "fails" for row in flagged),
+            sum(row.truth == "fails" and row.verdict == "healthy" for row in probed),
+        )
         lines.append(f"| {name} | " + " | ".join(str(count) for count in counts) + " |")
     return "\n".join(lines)
 
@@ -715,8 +888,10 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(rows))
     print()
     print(summary(rows))
-    print(f"\n{len(specs)} models, {len(rows)} rows, batch {args.batch}, image size {args.image_size}, "
-          f"{time.perf_counter() - start:.0f} s in all")
+    print(
+        f"\n{len(specs)} models, {len(rows)} rows, batch {args.batch}, image size {args.image_size}, "
+        f"{time.perf_counter() - start:.0f} s in all"
+    )
     return 0
 
 

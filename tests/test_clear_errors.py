@@ -199,3 +199,31 @@ def test_parametrized_first_layer_does_not_stop_input_inference(parametrize):
     profile = probe(model)
     assert profile.input_shapes == ["float32[8, 8]"]
     assert_untouched(model, before)
+
+
+# ---------------------------------------------- advice that fits the first layer
+
+
+class _NeedsTwoInputs(nn.Module):
+    def __init__(self, first: nn.Module):
+        super().__init__()
+        self.first = first
+        self.head = nn.Linear(5, 1)
+
+    def forward(self, x, mask):  # the inferred single input cannot fit this forward()
+        return self.head(self.first(x)[0] * mask)
+
+
+@pytest.mark.parametrize(
+    ("first", "example"),
+    [
+        (nn.LSTM(6, 5), "torch.randn(16, 8, 6)"),  # steps, batch, features
+        (nn.LSTM(6, 5, batch_first=True), "torch.randn(8, 16, 6)"),
+    ],
+)
+def test_a_rejected_input_gets_an_example_shaped_for_the_first_layer(first, example):
+    with pytest.raises(ProbeError) as caught:
+        probe(_NeedsTwoInputs(first))
+    assert caught.value.problem in str(caught.value)
+    assert f"inputs={example}" in str(caught.value)
+    assert "224" not in str(caught.value)  # never an image shape for a sequence model

@@ -41,6 +41,16 @@ MODELS = textwrap.dedent(
             return self.head(self.embed(ids)) * scale.mean()
 
 
+    class Sequence(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(6, 5, batch_first=True)
+            self.head = nn.Linear(5, 1)
+
+        def forward(self, x):
+            return self.head(self.rnn(x.flatten(1))[0])
+
+
     instance = NeedsWidth(4)
 
 
@@ -114,6 +124,14 @@ def test_instance_and_factory_targets(capsys, models_file, attr):
     code, out, err = run_cli(capsys, f"{models_file}:{attr}", "--input-shape", "2,4", "--min-ratio", "off")
     assert code == EXIT_HEALTHY, err
     assert "NeedsWidth" in out
+
+
+def test_a_rejected_input_gets_advice_in_the_command_lines_terms(capsys, models_file):
+    code, _, err = run_cli(capsys, f"{models_file}:Sequence")
+    assert code == EXIT_USAGE
+    # The shape fits the first layer (batch-first LSTM: batch, steps, features), in CLI options.
+    assert "--input-shape 8,16,6" in err
+    assert "inputs=" not in err
 
 
 def test_integer_and_float_inputs_per_shape(capsys, models_file):
@@ -241,6 +259,7 @@ def test_plot_without_matplotlib_is_a_one_line_usage_error(capsys, monkeypatch):
     assert code == EXIT_USAGE
     assert err.count("\n") == 1
     assert 'pip install "pytest-gradcheck[plot]"' in err
+    assert 'pip install -e ".[plot]"' in err  # what works from a clone, before the package is published
 
 
 def test_pytest_grad_plot_without_matplotlib_is_a_usage_error(pytester, monkeypatch):
@@ -250,7 +269,8 @@ def test_pytest_grad_plot_without_matplotlib_is_a_usage_error(pytester, monkeypa
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert (
         "ERROR: --grad-plot: gradient-flow plots need matplotlib, which is not installed; "
-        'run: pip install "pytest-gradcheck[plot]"' in result.stderr.lines
+        'run: pip install "pytest-gradcheck[plot]" (from a clone of the repository: pip install -e ".[plot]"; '
+        "or just pip install matplotlib)" in result.stderr.lines
     )
 
 

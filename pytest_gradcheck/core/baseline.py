@@ -20,7 +20,7 @@ SCHEMA_VERSION = 1
 # Enough to see a 10% drift, few enough that thread-count noise rarely changes the file.
 SIGNIFICANT_DIGITS = 4
 # Far above the thread and rounding noise that benchmarks/measure_baseline_noise.py
-# measures (README, "Baselines"): it is meant for regressions, not noise.
+# measures (docs/baselines.md): it is meant for regressions, not noise.
 DEFAULT_TOLERANCE = 2.0
 
 # Measured only when a report or plot asks for them (probe(..., detail=True)), and not

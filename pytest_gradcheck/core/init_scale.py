@@ -15,6 +15,11 @@ GAINS = {"linear": 1.0, "sigmoid": 1.0, "tanh": 5.0 / 3.0, "selu": 0.75, "leaky_
 RECTIFIER_GAIN = math.sqrt(2.0)
 
 
+def init_nonlinearity(function: str) -> str:
+    """The ``nonlinearity=`` argument of nn.init.kaiming_normal_ that fits ``function``."""
+    return function if function in ("relu", "tanh", "sigmoid", "linear", "selu") else "relu"
+
+
 def gain(function: str) -> float:
     """The init gain for a layer followed by ``function`` ('linear' when nothing follows)."""
     if function in GAINS:

@@ -6,6 +6,7 @@ import math
 
 from pytest_gradcheck.core.bounds import DEFAULT_DEAD_RELU, DEFAULT_SATURATION, Bounds
 from pytest_gradcheck.core.findings import Cause
+from pytest_gradcheck.core.init_scale import init_nonlinearity
 from pytest_gradcheck.core.profile import ActivationProfile, ActivationStats, GradientProfile, InitScale
 from pytest_gradcheck.core.signal import signal_curve
 
@@ -197,7 +198,7 @@ def _initialisation(
         f"reference ({worst.layer}.{worst.parameter}: std {worst.std:.3g} against {worst.reference_std:.3g} "
         f"for fan-in {worst.fan_in}, gain {worst.gain:.3g}, {followed_by})"
     )
-    nonlinearity = worst.activation if worst.activation in ("relu", "tanh", "sigmoid", "linear", "selu") else "relu"
+    nonlinearity = init_nonlinearity(worst.activation)
     fix = (
         f"re-initialise {names} at the reference scale (std {worst.reference_std:.3g} for {worst.layer}), e.g. "
         f"nn.init.kaiming_normal_(layer.weight, nonlinearity={nonlinearity!r}), or drop the custom init "

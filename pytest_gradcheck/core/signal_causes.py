@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from pytest_gradcheck.core.findings import Cause
+from pytest_gradcheck.core.init_scale import init_nonlinearity
 from pytest_gradcheck.core.profile import ActivationProfile, GradientProfile, InitScale
 from pytest_gradcheck.core.ratio_causes import MAX_LOG10, listed
 from pytest_gradcheck.core.signal import output_signal, signal_curve, steps_back_to
@@ -62,7 +63,8 @@ def _init_mismatch(scales: list[InitScale], layers: list[str], decades: float, v
     if (predicted < 0) != vanishing or abs(predicted) < INIT_SHARE * decades:
         return []
     per_layer = 10 ** (predicted / len(on_path))
-    worst = on_path[0]
+    # The layer quoted is the first that moves the signal the way it went: the typical layer.
+    worst = next((scale for scale, log in zip(on_path, logs) if (log < 0) == vanishing), on_path[0])
     xavier = sum(abs(math.log(s.std * s.gain / s.xavier_std)) < math.log(XAVIER_TOLERANCE) for s in on_path)
     scheme = (
         " This is Xavier's scale (gain 1), right for tanh and linear layers, not for what follows these"
@@ -76,7 +78,7 @@ def _init_mismatch(scales: list[InitScale], layers: list[str], decades: float, v
         f"fan-in {worst.fan_in}, gain {worst.gain:.3g}), so each layer keeps {per_layer:.3g}x of the signal, "
         f"{10**predicted:.3g}x over {len(on_path)} layers.{scheme}"
     )
-    nonlinearity = worst.activation if worst.activation in ("relu", "tanh", "sigmoid", "linear", "selu") else "relu"
+    nonlinearity = init_nonlinearity(worst.activation)
     fix = (
         f"initialise with the gain of the activation that follows, e.g. nn.init.kaiming_normal_(layer.weight, "
         f"nonlinearity={nonlinearity!r}) (He et al. 2015), or normalise (BatchNorm/LayerNorm) after each layer"

@@ -117,6 +117,8 @@ def example_shape(module: nn.Module | None) -> tuple[int | str, ...]:
     if isinstance(module, nn.MultiheadAttention):
         return (batch, DEFAULT_SEQUENCE_LENGTH, module.embed_dim)
     if isinstance(module, nn.RNNBase):
+        if module.batch_first:
+            return (batch, DEFAULT_SEQUENCE_LENGTH, module.input_size)
         return (DEFAULT_SEQUENCE_LENGTH, batch, module.input_size)
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.dim() == 2:

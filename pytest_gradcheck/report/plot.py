@@ -21,7 +21,10 @@ from pytest_gradcheck.report.format import ratio_text
 # A matplotlib Axes; matplotlib is optional, so it is not imported to name the type.
 Axes = Any
 
-INSTALL = 'pip install "pytest-gradcheck[plot]"'
+INSTALL = (
+    'pip install "pytest-gradcheck[plot]" (from a clone of the repository: pip install -e ".[plot]"; '
+    "or just pip install matplotlib)"
+)
 SUFFIXES = (".png", ".svg")
 DPI = 100
 LABEL_LIMIT = 32  # characters of a layer name shown under its tick

@@ -13,7 +13,8 @@ from torch.nn.parameter import UninitializedTensorMixin
 
 from pytest_gradcheck import ProbeError, probe
 
-# Every per-module hook registry a probe could leave behind (names as in torch.nn.Module).
+# Every per-module hook registry a probe could leave behind (names as in torch.nn.Module). Written out
+# here, not imported from the package: the tests' list checks the package's, so it must not be it.
 HOOK_DICTS = (
     "_forward_pre_hooks",
     "_forward_pre_hooks_with_kwargs",
