@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -108,26 +109,12 @@ def test_two_sparse_embeddings_get_the_same_verdict_with_and_without_detail():
     assert means[1] == pytest.approx(means[0], rel=1e-6)
 
 
-SPARSE_TEST = """
-import torch
-from torch import nn
-
-
-class TwoSparseEmbeddings(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.words = nn.Embedding(50, 8, sparse=True)
-        self.tags = nn.Embedding(60, 8, sparse=True)
-        self.head = nn.Linear(8, 2)
-
-    def forward(self, ids):
-        return self.head(self.words(ids) + self.tags(ids))
-
-
-def test_sparse(gradient_health):
-    gradient_health(TwoSparseEmbeddings(), min_ratio=0.001)
-"""
+# The same class, written into the pytester project from its source.
+SPARSE_TEST = (
+    "import torch\nfrom torch import nn\n\n\n"
+    + inspect.getsource(TwoSparseEmbeddings)
+    + "\n\ndef test_sparse(gradient_health):\n    gradient_health(TwoSparseEmbeddings(), min_ratio=0.001)\n"
+)
 
 
 @pytest.mark.slow

@@ -238,22 +238,14 @@ def _draw_bounds(axes: Axes, profile: GradientProfile, bounds: Bounds) -> None:
     if last is None or not _bound_levels(profile, bounds):
         return
     base = last.grad_mean_abs
-    if bounds.min_ratio:
-        axes.axhline(
-            base * bounds.min_ratio,
-            color="tab:red",
-            linestyle="--",
-            linewidth=1,
-            label=f"min_ratio {bounds.min_ratio:g} × last layer",
-        )
-    if bounds.max_ratio:
-        axes.axhline(
-            base * bounds.max_ratio,
-            color="tab:purple",
-            linestyle="--",
-            linewidth=1,
-            label=f"max_ratio {bounds.max_ratio:g} × last layer",
-        )
+    for name, bound, colour in (
+        ("min_ratio", bounds.min_ratio, "tab:red"),
+        ("max_ratio", bounds.max_ratio, "tab:purple"),
+    ):
+        if bound:
+            axes.axhline(
+                base * bound, color=colour, linestyle="--", linewidth=1, label=f"{name} {bound:g} × last layer"
+            )
     if bounds.min_ratio and bounds.max_ratio:
         axes.axhspan(base * bounds.min_ratio, base * bounds.max_ratio, color="tab:green", alpha=0.07)
 
