@@ -13,8 +13,8 @@ Sets (``--set``, one or more, or ``all``):
   hf           Hugging Face families from config objects, a tiny and a base size each
   broken       networks known not to train, with their good twins
 
-Losses (``--loss``): "default" is the project's own (the sum of the floating outputs,
-no labels); "natural" is cross-entropy against fixed random labels (for Hugging Face
+Losses (``--loss``): "default" is the project's own (a fixed random direction of the
+output, no labels); "natural" is cross-entropy against fixed random labels (for Hugging Face
 models: the model's own ``.loss`` with labels passed in the inputs).
 
 Not part of CI. It needs its own virtual environment:
@@ -32,9 +32,9 @@ seconds are the assessment alone (the activation pass included when it runs); bu
 peak memory and the load average sit beside them in the JSON, since other work on the
 machine slows them.
 
-Measured on 2 CPU cores (torch 2.14.1, batch 2, 224x224, with other jobs sharing the cores):
-broken about 4 minutes, hf about 5 (llama-base and mistral-base need about 9.5 GB each),
-timm about 7, torchvision about 40 (regnet_y_128gf about 3.5 minutes, 7 GB).
+The docs' tables come from the JSON rows: ``python benchmarks/zoo_table.py b2=rows.jsonl
+b32=rows-b32.jsonl`` puts the batch sizes side by side (see docs/models.md for the commands
+of the published run and how long each set took).
 """
 
 from __future__ import annotations

@@ -256,7 +256,10 @@ class _Measures:
     """The gradient pass's measurements beyond the gradients: device tensors first, numbers after the sync."""
 
     def __init__(
-        self, scales: dict[int, torch.Tensor], normalised: dict[int, int], sharing: dict[int, list[str]]
+        self,
+        scales: list[tuple[list[int], torch.Tensor]],
+        normalised: dict[int, int],
+        sharing: dict[int, list[str]],
     ) -> None:
         self.scales = scales
         self.normalised = normalised
@@ -301,7 +304,7 @@ class _Measures:
     def tensors(self) -> list[torch.Tensor]:
         """Everything to copy to the host with the gradients' statistics, in one order."""
         return [
-            *self.scales.values(),
+            *(stds for _, stds in self.scales),
             *self.invariance.values(),
             *self.output_tensors,
             *(steps for _, steps in self.steps),
@@ -311,7 +314,7 @@ class _Measures:
     def read(self, values: list[list[float]]) -> None:
         """The host values of :meth:`tensors`, in the same order."""
         flat = iter(values)
-        self.values = {key: next(flat)[0] for key in self.scales}
+        self.values = {key: value for keys, _ in self.scales for key, value in zip(keys, next(flat))}
         self.invariance_values = {key: next(flat)[0] for key in self.invariance}
         if self.output_tensors:
             std, share, expected, classes = (next(flat)[0] for _ in range(4))
@@ -346,9 +349,11 @@ class _Measures:
 def _mark_zero_weights(layers: list[Layer], stats: list[LayerStats]) -> None:
     """Which layers hold an exactly-zero weight matrix: read only when some layer got no gradient at all."""
     by_name = {row.name: row for row in stats}
-    for layer, (flag,) in zip(layers, to_host(signals.zero_weights(layers))):  # a second sync, on this rare path
+    norms = iter(value for values in to_host(signals.zero_weights(layers)) for value in values)  # a second sync,
+    for layer in layers:  # on this rare path
+        zero = [next(norms) == 0.0 for key, param in layer.params if signals.is_weight(key, param)]
         row = by_name.get(public_name(layer.name))
-        if row is not None and flag:
+        if row is not None and any(zero):
             row.gate = 0.0
 
 

@@ -14,16 +14,21 @@ from torch import nn
 
 from pytest_gradcheck.probing import model_io
 from pytest_gradcheck.probing.layers import ExecutionRecord, Layer, is_norm_layer
+from pytest_gradcheck.probing.statistics import float32_norms
 
 # Elements an activation's scale is estimated from: its std to about 1%, which is plenty
 # for a signal followed over decades, read in a strided pass instead of a whole one.
 _SCALE_SAMPLE = 1 << 16
+# Inputs up to this many elements are stacked with others of their size for one reduction.
+_SMALL_INPUT = 1 << 14
 # Weight layers at the start of the execution order whose scale invariance is measured:
 # the ratio's first layer is one of them unless the earliest ones got no gradient.
 _INVARIANCE_CANDIDATES = 6
 # A parameter that holds one constant no larger than this at init is a gate: LayerScale starts
 # at 1e-1 to 1e-6 (Touvron et al. 2021), ReZero and SkipInit at 0, zero-init residual BN gammas at 0.
 GATE_SCALE = 1e-3
+# Layers at the end of the execution order looked at first for the one that produces the output.
+_OUTPUT_CANDIDATES = 8
 # A layer called this often in one forward pass is followed through time (an RNN cell).
 RECURRENCE_CALLS = 4
 
@@ -53,14 +58,29 @@ def siblings(layers: list[Layer], record: ExecutionRecord) -> dict[int, list[str
     return found
 
 
-def input_scales(layers: list[Layer], record: ExecutionRecord) -> dict[int, torch.Tensor]:
-    """The std of each layer's first floating-point input, by module id, as 0-d device tensors."""
-    scales = {}
+def input_scales(layers: list[Layer], record: ExecutionRecord) -> list[tuple[list[int], torch.Tensor]]:
+    """The std of each layer's first floating-point input: (module ids, their stds as one device tensor).
+
+    Inputs of one size, device and dtype up to _SMALL_INPUT elements are stacked and reduced
+    together, one kernel per group instead of one per layer (a 1,000-layer MLP has 1,000);
+    larger ones are reduced one by one, from a strided sample.
+    """
+    groups: dict[tuple[int, torch.device, torch.dtype], tuple[list[int], list[torch.Tensor]]] = {}
+    scales = []
     for layer in layers:
         args = record.first_args.get(id(layer.module))
         first = args[0] if args else None
-        if isinstance(first, torch.Tensor) and first.is_floating_point() and first.numel() > 1:
-            scales[id(layer.module)] = tensor_scale(first)
+        if not isinstance(first, torch.Tensor) or not first.is_floating_point() or first.numel() <= 1:
+            continue
+        if first.numel() <= _SMALL_INPUT and not first.is_complex():
+            keys, tensors = groups.setdefault((first.numel(), first.device, first.dtype), ([], []))
+            keys.append(id(layer.module))
+            tensors.append(first.detach().reshape(-1))
+        else:
+            scales.append(([id(layer.module)], tensor_scale(first).reshape(1)))
+    with torch.no_grad():
+        for keys, tensors in groups.values():
+            scales.append((keys, torch.stack(tensors).float().std(dim=1, unbiased=False)))
     return scales
 
 
@@ -108,20 +128,30 @@ _ELEMENTWISE = frozenset({
 
 def output_layer(output: torch.Tensor, layers: list[Layer]) -> str | None:
     """The layer whose weight matrix produces ``output`` directly (a classifier's head), or None."""
-    producers = _producers(output, _weight_owners(layers))
+    # Only the last layers can produce the output: look up their weights, not every layer's.
+    producers = _producers(output, _weight_owners(layers[-_OUTPUT_CANDIDATES:]))
+    if not producers and len(layers) > _OUTPUT_CANDIDATES:  # a head that ran early (used after a loop)
+        producers = _producers(output, _weight_owners(layers))
     return producers[0].name if producers else None
 
 
 def normalised_layers(layers: list[Layer], record: ExecutionRecord) -> dict[int, int]:
     """The layers whose output reaches a normalisation layer through element-wise activations at
     most (conv -> BN, conv -> GELU -> BN): producer's module id -> the norm's."""
+    norms = [
+        (layer, args[0])
+        for layer in layers
+        if is_norm_layer(layer.module)
+        and (args := record.first_args.get(id(layer.module)))
+        and isinstance(args[0], torch.Tensor)
+    ]
+    if not norms:  # no graph to walk, and no owners to look up
+        return {}
     owners = _weight_owners(layers)
     found: dict[int, int] = {}
-    for layer in layers:
-        args = record.first_args.get(id(layer.module))
-        if args and isinstance(args[0], torch.Tensor) and is_norm_layer(layer.module):
-            for producer in _producers(args[0], owners, _PRODUCING | _ELEMENTWISE):
-                found.setdefault(id(producer.module), id(layer.module))
+    for layer, tensor in norms:
+        for producer in _producers(tensor, owners, _PRODUCING | _ELEMENTWISE):
+            found.setdefault(id(producer.module), id(layer.module))
     return found
 
 
@@ -287,16 +317,20 @@ def gate_values(layers: list[Layer]) -> dict[int, torch.Tensor]:
 
 
 def zero_weights(layers: list[Layer]) -> list[torch.Tensor]:
-    """Per layer: whether some non-bias weight matrix is exactly zero (a zero-initialised head)."""
+    """The L1 norm of every non-bias weight of every layer, in order: 0 only for an exactly-zero
+    weight (a zero-initialised head). One fused norm per device and dtype, not one per weight."""
     with torch.no_grad():
-        flags = []
-        for layer in layers:
-            weights = [param for key, param in layer.params if "bias" not in key and param.numel()]
-            if not weights:
-                flags.append(torch.zeros((), dtype=torch.bool, device=layer.params[0][1].device))
-                continue
-            flags.append(torch.stack([torch.count_nonzero(weight) == 0 for weight in weights]).any())
-        return flags
+        weights = [param.detach() for layer in layers for key, param in layer.params if is_weight(key, param)]
+        real = [weight for weight in weights if not weight.is_complex()]
+        norms = iter(float32_norms(real, 1) if real else [])
+        found = [next(norms) if not weight.is_complex() else weight.abs().sum().float() for weight in weights]
+        # One tensor to copy where they share a device; one each across devices (a model split over GPUs).
+        return [torch.stack(found)] if len({norm.device for norm in found}) == 1 else found
+
+
+def is_weight(key: str, param: torch.Tensor) -> bool:
+    """Whether a parameter is a (non-empty) weight that could gate a layer, not an additive bias."""
+    return "bias" not in key and param.numel() > 0
 
 
 def classify(module: nn.Module) -> str:
