@@ -48,7 +48,7 @@ def signal_findings(profile: GradientProfile, bounds: Bounds) -> list[Finding]:
 
 
 # A head input this close above min_signal is said, not failed: He et al.'s 22-layer Xavier net
-# (2.4e-5 here) and VGG-11 at N(0, 0.01) (3.7e-5) train, slowly; the healthy zoo's lowest is 8.7e-3.
+# (2.4e-5 here) and VGG-11 at N(0, 0.01) (3.7e-5) train, slowly; the zoo's real models read 7.6e-3 and up.
 WEAK_SIGNAL_FACTOR = 100.0
 
 

@@ -177,12 +177,17 @@ class ModelRun:
             # The output and the recurrent layers' steps are differentiated with the parameters.
             main = signals.main_output(output) if not plain_backward else None
             sources = signals.time_sources(layers, record) if not plain_backward else []
-            watched = ([main] if main is not None and main.requires_grad else []) + [
+            # The output's gradient shows a softmax cross-entropy; the default loss is none.
+            softmax_possible = loss_kind != "random"
+            watch_output = main is not None and main.requires_grad and softmax_possible
+            watched = ([main] if main is not None and watch_output else []) + [
                 tensor for source in sources for tensor in source.tensors
             ]
             all_grads = self._gradients(loss, [*params, *watched], layers, record, plain_backward)
             grads, watched_grads = all_grads[: len(params)], all_grads[len(params) :]
-            measures.add_gradient_pass(layers, params, grads, main, sources, watched_grads)
+            measures.add_gradient_pass(
+                layers, params, grads, main, sources, watched_grads, watch_output, softmax_possible
+            )
             tied = tied_embedding_weights(layers, record)
             per_param, rows, loss_value, measured = gradient_statistics(
                 params, grads, tied, record, loss, detail, measures.tensors()
@@ -282,6 +287,8 @@ class _Measures:
         main: torch.Tensor | None,
         sources: list[signals.TimeSource],
         watched_grads: list[torch.Tensor | None],
+        output_watched: bool,
+        softmax_possible: bool,
     ) -> None:
         grad_of = {id(param): grad for param, grad in zip(params, grads)}
         self.gates = signals.gate_values(layers)
@@ -289,9 +296,9 @@ class _Measures:
             self.invariance[id(layer.module)] = signals.scale_invariance(layer, grad_of)
         position = 0
         if main is not None:
-            output_grad = watched_grads[0] if main.requires_grad else None
-            position = 1 if main.requires_grad else 0
-            self.output_tensors = signals.output_measures(main, output_grad)
+            output_grad = watched_grads[0] if output_watched else None
+            position = 1 if output_watched else 0
+            self.output_tensors = signals.output_measures(main, output_grad, softmax_possible)
             producer = signals.output_layer(main, layers)
             self.output["output_layer"] = public_name(producer) if producer is not None else None
         for source in sources:
@@ -321,7 +328,7 @@ class _Measures:
             self.output |= {
                 "output_std": std,
                 "output_softmax_share": share,
-                "expected_loss": expected,
+                "expected_loss": None if math.isnan(expected) else expected,
                 "output_classes": int(classes),
             }
         self.time = [TimeProfile(public_name(source.layer), source.kind, next(flat)) for source, _ in self.steps]
@@ -349,11 +356,12 @@ class _Measures:
 def _mark_zero_weights(layers: list[Layer], stats: list[LayerStats]) -> None:
     """Which layers hold an exactly-zero weight matrix: read only when some layer got no gradient at all."""
     by_name = {row.name: row for row in stats}
-    norms = iter(value for values in to_host(signals.zero_weights(layers)) for value in values)  # a second sync,
-    for layer in layers:  # on this rare path
-        zero = [next(norms) == 0.0 for key, param in layer.params if signals.is_weight(key, param)]
+    order, tensors = signals.zero_weights(layers)
+    values = [value for values in to_host(tensors) for value in values]  # a second sync, on this rare path
+    zero = {key for key, value in zip(order, values) if value == 0.0}
+    for layer in layers:
         row = by_name.get(public_name(layer.name))
-        if row is not None and any(zero):
+        if row is not None and any(id(param) in zero for _, param in layer.params):
             row.gate = 0.0
 
 

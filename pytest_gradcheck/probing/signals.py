@@ -178,17 +178,24 @@ def _producers(tensor: torch.Tensor, owners: dict[int, Layer], through: frozense
     return found
 
 
-def output_measures(output: torch.Tensor, grad: torch.Tensor | None) -> list[torch.Tensor]:
-    """[std, share of rows whose gradient has softmax cross-entropy's shape, expected CE, classes]."""
+def output_measures(output: torch.Tensor, grad: torch.Tensor | None, softmax_possible: bool) -> list[torch.Tensor]:
+    """[std, share of rows whose gradient has softmax cross-entropy's shape, expected CE, classes].
+
+    Without ``softmax_possible`` (the default random-direction loss, whose gradient is never
+    p - y) the share is 0 and the expected cross-entropy NaN, unmeasured: over a language
+    model's 50,000-way logits each is a pass of its own.
+    """
     with torch.no_grad():
         logits = output.detach().float()
         classes = logits.shape[-1] if logits.dim() >= 1 else 1
         rows = logits.reshape(-1, classes) if logits.dim() >= 1 else logits.reshape(1, 1)
-        # Cross-entropy against a uniformly random label: log-sum-exp minus the mean logit.
-        expected = (torch.logsumexp(rows, dim=-1) - rows.mean(dim=-1)).mean()
         shape_share = torch.zeros((), device=logits.device)
-        if grad is not None and classes > 1:
-            shape_share = _softmax_share(grad.detach().float().reshape(-1, classes))
+        expected = torch.full((), math.nan, device=logits.device)
+        if softmax_possible:
+            # Cross-entropy against a uniformly random label: log-sum-exp minus the mean logit.
+            expected = (torch.logsumexp(rows, dim=-1) - rows.mean(dim=-1)).mean()
+            if grad is not None and classes > 1:
+                shape_share = _softmax_share(grad.detach().float().reshape(-1, classes))
         return [tensor_scale(logits), shape_share, expected, torch.tensor(float(classes), device=logits.device)]
 
 
@@ -316,16 +323,37 @@ def gate_values(layers: list[Layer]) -> dict[int, torch.Tensor]:
         return values
 
 
-def zero_weights(layers: list[Layer]) -> list[torch.Tensor]:
-    """The L1 norm of every non-bias weight of every layer, in order: 0 only for an exactly-zero
-    weight (a zero-initialised head). One fused norm per device and dtype, not one per weight."""
+def zero_weights(layers: list[Layer]) -> tuple[list[int], list[torch.Tensor]]:
+    """The L1 norm of every non-bias weight, 0 only for an exactly-zero one (a zero-initialised
+    head): (parameter ids, device tensors whose values follow them in order).
+
+    Small weights of one shape are stacked and reduced together, large ones get one fused norm
+    per device and dtype: a handful of kernels for a 1,000-layer model, not one per weight.
+    """
     with torch.no_grad():
         weights = [param.detach() for layer in layers for key, param in layer.params if is_weight(key, param)]
-        real = [weight for weight in weights if not weight.is_complex()]
-        norms = iter(float32_norms(real, 1) if real else [])
-        found = [next(norms) if not weight.is_complex() else weight.abs().sum().float() for weight in weights]
-        # One tensor to copy where they share a device; one each across devices (a model split over GPUs).
-        return [torch.stack(found)] if len({norm.device for norm in found}) == 1 else found
+        ids = [id(param) for layer in layers for key, param in layer.params if is_weight(key, param)]
+        groups: dict[tuple[torch.Size, torch.device, torch.dtype], list[int]] = {}
+        large = []
+        for index, weight in enumerate(weights):
+            if weight.numel() <= _SMALL_INPUT and not weight.is_complex():
+                groups.setdefault((weight.shape, weight.device, weight.dtype), []).append(index)
+            else:
+                large.append(index)
+        order, tensors = [], []
+        for indices in groups.values():
+            stacked = torch.stack([weights[index] for index in indices]).reshape(len(indices), -1)
+            tensors.append(stacked.abs().sum(1, dtype=torch.float32))
+            order += [ids[index] for index in indices]
+        real = [index for index in large if not weights[index].is_complex()]
+        norms = float32_norms([weights[index] for index in real], 1) if real else []
+        tensors += [norm.reshape(1) for norm in norms]
+        order += [ids[index] for index in real]
+        for index in large:
+            if weights[index].is_complex():
+                tensors.append(weights[index].abs().sum().float().reshape(1))
+                order.append(ids[index])
+        return order, tensors
 
 
 def is_weight(key: str, param: torch.Tensor) -> bool:
