@@ -96,6 +96,10 @@ def test_json_and_markdown_files_hold_every_probe_in_collection_order(suite):
     vanishing = document["results"][1]
     assert vanishing["verdict"] == "vanishing"
     assert vanishing["findings"][0]["rule"] == "vanishing"
+    # Its test passed by catching the failure: an expected failure, as for an xfail test.
+    assert vanishing["expected_failure"] is True
+    assert [entry["expected_failure"] for entry in document["results"]] == [False, True, False, False, False, False]
+    assert "| vanishing (expected) |" in markdown
     assert vanishing["bounds"]["min_ratio"] is not None
     assert [layer["name"] for layer in vanishing["profile"]["layers"]] == ["0", "2", "4", "6", "8", "10"]
     assert markdown.count("<summary>") == 6
@@ -289,6 +293,19 @@ def test_the_detail_statistics_are_measured_only_when_something_shows_or_checks_
     assert (suite.path / "detail.txt").read_text().split() == [str(detailed)] * 2
     if "--grad-report" in args:
         assert "max |grad|" in report_section(result.stdout.str())
+
+
+def test_a_failure_the_test_catches_reads_expected_in_the_terminal_report(suite):
+    result = suite.runpytest("--grad-report", "-k", "aa_vanishing or zz_healthy")
+
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "Sequential: first/last ratio * verdict: vanishing (expected: the test expects this failure)",
+            "  XFAIL vanishing: vanishing gradients: *",
+        ]
+    )
+    assert "FAIL vanishing" not in result.stdout.str().replace("XFAIL vanishing", "")
 
 
 def test_a_failure_without_a_report_shows_the_mean_column_only(pytester):

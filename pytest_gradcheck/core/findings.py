@@ -86,7 +86,7 @@ class CheckResult:
     profile: GradientProfile
     bounds: Bounds
     findings: list[Finding]
-    expected_failure: bool = False  # the test is marked xfail and did fail: the report says so
+    expected_failure: bool = False  # the test expected the failure (xfail, or caught it): the report says so
 
     @property
     def verdict(self) -> str:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from pytest_gradcheck.core.findings import failing
 from pytest_gradcheck.plugin import transport
 from pytest_gradcheck.plugin.options import Settings
 
@@ -42,9 +43,12 @@ class GradcheckSession:
         # Runs in the controller under xdist and in-process otherwise: one path for both.
         data = transport.read(report)
         if data is not None:
-            # An xfail test that failed as expected: its failing verdict is marked so in the reports.
-            expected = bool(getattr(report, "wasxfail", None)) and report.skipped
-            self.results.extend(dataclasses.replace(r, expected_failure=expected) for r in data.results)
+            # A failing verdict the test expected is marked so in the reports: the test is marked
+            # xfail and failed, or it passed, having caught the failure (pytest.raises).
+            expected = report.passed or (bool(getattr(report, "wasxfail", None)) and report.skipped)
+            self.results.extend(
+                dataclasses.replace(r, expected_failure=expected and bool(failing(r.findings))) for r in data.results
+            )
 
     def ordered_results(self) -> list[CheckResult]:
         """The results in collection order; a stable sort keeps each test's probes in call order."""

@@ -51,7 +51,7 @@ def layer_notes(profile: GradientProfile, layer: LayerStats, findings: list[Find
 
 
 def finding_lines(finding: Finding, diagnosed: bool = False, expected_failure: bool = False) -> list[str]:
-    """The lines under a table for one finding; an xfail test's failures read XFAIL."""
+    """The lines under a table for one finding; failures the test expected read XFAIL."""
     marker = ("XFAIL" if expected_failure else "FAIL") if finding.failing else "note"
     return [f"  {marker} {finding.rule}: {finding.message}"] + cause_lines(finding, diagnosed)
 

@@ -45,7 +45,7 @@ def markdown_section(result: CheckResult) -> list[str]:
 
 
 def _verdict(result: CheckResult) -> str:
-    return f"{result.verdict} (xfail)" if result.expected_failure and failing(result.findings) else result.verdict
+    return f"{result.verdict} (expected)" if result.expected_failure and failing(result.findings) else result.verdict
 
 
 def render_markdown(results: list[CheckResult]) -> str:

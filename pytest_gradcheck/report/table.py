@@ -131,7 +131,7 @@ def summary_line(profile: GradientProfile, findings: list[Finding], expected_fai
     shown = ratio_text(profile.ratio)
     first = profile.first.name if profile.first else "-"
     last = profile.last.name if profile.last else "-"
-    expected = " (expected: the test is marked xfail)" if expected_failure and failing(findings) else ""
+    expected = " (expected: the test expects this failure)" if expected_failure and failing(findings) else ""
     return f"{profile.model}: first/last ratio {shown} ({first} / {last}), verdict: {verdict(findings)}{expected}"
 
 
