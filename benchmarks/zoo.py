@@ -270,6 +270,15 @@ def build_timm(name: str, args: argparse.Namespace) -> Case:
 
 # family: (model class, config class, task, {size: config overrides}). "base" is the
 # published base configuration; the tiny sizes are a few layers, a small width.
+# Llama and Mistral share their tiny size: a 2-layer decoder with grouped-query attention.
+TINY_DECODER = {
+    "vocab_size": 32000,
+    "hidden_size": 64,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 HF_FAMILIES = {
     "gpt2": (
         "GPT2LMHeadModel",
@@ -326,14 +335,7 @@ HF_FAMILIES = {
         "LlamaConfig",
         "lm",
         {
-            "tiny": {
-                "vocab_size": 32000,
-                "hidden_size": 64,
-                "intermediate_size": 256,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-            },
+            "tiny": TINY_DECODER,
             "base": {
                 "vocab_size": 32000,
                 "hidden_size": 2048,
@@ -349,14 +351,7 @@ HF_FAMILIES = {
         "MistralConfig",
         "lm",
         {
-            "tiny": {
-                "vocab_size": 32000,
-                "hidden_size": 64,
-                "intermediate_size": 256,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-            },
+            "tiny": TINY_DECODER,
             "base": {
                 "vocab_size": 32000,
                 "hidden_size": 4096,

@@ -179,15 +179,12 @@ class ModelRun:
             sources = signals.time_sources(layers, record) if not plain_backward else []
             # The output's gradient shows a softmax cross-entropy; the default loss is none.
             softmax_possible = loss_kind != "random"
-            watch_output = main is not None and main.requires_grad and softmax_possible
-            watched = ([main] if main is not None and watch_output else []) + [
+            watched = ([main] if main is not None and main.requires_grad and softmax_possible else []) + [
                 tensor for source in sources for tensor in source.tensors
             ]
             all_grads = self._gradients(loss, [*params, *watched], layers, record, plain_backward)
             grads, watched_grads = all_grads[: len(params)], all_grads[len(params) :]
-            measures.add_gradient_pass(
-                layers, params, grads, main, sources, watched_grads, watch_output, softmax_possible
-            )
+            measures.add_gradient_pass(layers, params, grads, main, sources, watched_grads, softmax_possible)
             tied = tied_embedding_weights(layers, record)
             per_param, rows, loss_value, measured = gradient_statistics(
                 params, grads, tied, record, loss, detail, measures.tensors()
@@ -287,7 +284,6 @@ class _Measures:
         main: torch.Tensor | None,
         sources: list[signals.TimeSource],
         watched_grads: list[torch.Tensor | None],
-        output_watched: bool,
         softmax_possible: bool,
     ) -> None:
         grad_of = {id(param): grad for param, grad in zip(params, grads)}
@@ -296,6 +292,8 @@ class _Measures:
             self.invariance[id(layer.module)] = signals.scale_invariance(layer, grad_of)
         position = 0
         if main is not None:
+            # The output is watched (its gradient comes first) only where it can show a softmax.
+            output_watched = main.requires_grad and softmax_possible
             output_grad = watched_grads[0] if output_watched else None
             position = 1 if output_watched else 0
             self.output_tensors = signals.output_measures(main, output_grad, softmax_possible)

@@ -331,28 +331,28 @@ def zero_weights(layers: list[Layer]) -> tuple[list[int], list[torch.Tensor]]:
     per device and dtype: a handful of kernels for a 1,000-layer model, not one per weight.
     """
     with torch.no_grad():
-        weights = [param.detach() for layer in layers for key, param in layer.params if is_weight(key, param)]
-        ids = [id(param) for layer in layers for key, param in layer.params if is_weight(key, param)]
-        groups: dict[tuple[torch.Size, torch.device, torch.dtype], list[int]] = {}
-        large = []
-        for index, weight in enumerate(weights):
-            if weight.numel() <= _SMALL_INPUT and not weight.is_complex():
-                groups.setdefault((weight.shape, weight.device, weight.dtype), []).append(index)
-            else:
-                large.append(index)
+        groups: dict[tuple[torch.Size, torch.device, torch.dtype], list[torch.Tensor]] = {}
+        large, complex_weights = [], []
+        for layer in layers:
+            for key, param in layer.params:
+                if not is_weight(key, param):
+                    continue
+                if param.is_complex():
+                    complex_weights.append(param)
+                elif param.numel() <= _SMALL_INPUT:
+                    groups.setdefault((param.shape, param.device, param.dtype), []).append(param)
+                else:
+                    large.append(param)
         order, tensors = [], []
-        for indices in groups.values():
-            stacked = torch.stack([weights[index] for index in indices]).reshape(len(indices), -1)
+        for group in groups.values():
+            stacked = torch.stack([param.detach() for param in group]).reshape(len(group), -1)
             tensors.append(stacked.abs().sum(1, dtype=torch.float32))
-            order += [ids[index] for index in indices]
-        real = [index for index in large if not weights[index].is_complex()]
-        norms = float32_norms([weights[index] for index in real], 1) if real else []
-        tensors += [norm.reshape(1) for norm in norms]
-        order += [ids[index] for index in real]
-        for index in large:
-            if weights[index].is_complex():
-                tensors.append(weights[index].abs().sum().float().reshape(1))
-                order.append(ids[index])
+            order += [id(param) for param in group]
+        if large:
+            tensors += [norm.reshape(1) for norm in float32_norms([param.detach() for param in large], 1)]
+            order += [id(param) for param in large]
+        tensors += [param.detach().abs().sum().float().reshape(1) for param in complex_weights]
+        order += [id(param) for param in complex_weights]
         return order, tensors
 
 
